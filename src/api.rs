@@ -1,0 +1,88 @@
+//! The JSON shapes of the public API, shared by the HTTP server, the offline CLI
+//! and clients (the red-team tool parses them back).
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::model::ModelCard;
+
+/// The answer to `POST /classify`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClassifyResponse {
+    /// Echo of the `x-request-id` header, or a generated id.
+    pub request_id: String,
+    /// Model that produced `raw`.
+    pub model: String,
+    /// The undefended prediction: the model on the plain input.
+    pub raw: Prediction,
+    /// Where the time went, in milliseconds.
+    pub timing_ms: Timing,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Prediction {
+    pub class_id: usize,
+    pub label: String,
+    /// Probability of `class_id`.
+    pub confidence: f32,
+    /// The most probable classes, most probable first.
+    pub top_k: Vec<ClassScore>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ClassScore {
+    pub class_id: usize,
+    pub label: String,
+    pub probability: f32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Timing {
+    /// Bytes to RGB pixels.
+    pub decode: f64,
+    /// Resize, crop, normalize (and, with defenses, building their views).
+    pub preprocess: f64,
+    /// Waiting for a batch slot.
+    pub queue: f64,
+    /// ONNX Runtime time of the batches this request's rows ran in.
+    pub inference: f64,
+    /// Arrival to answer.
+    pub total: f64,
+}
+
+/// Every error answer: `{"error": {"code": "...", "message": "..."}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorResponse {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorDetail {
+    /// Stable machine-readable code, e.g. `invalid_image`, `overloaded`.
+    pub code: String,
+    pub message: String,
+}
+
+/// The answer to `GET /models`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelsResponse {
+    pub default: String,
+    pub models: Vec<ModelInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Rows admitted and waiting or running right now.
+    pub queued_rows: usize,
+    pub card: ModelCard,
+}
+
+/// The answer of the health endpoints.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct HealthResponse {
+    /// `live`, `ready` or `not_ready`.
+    pub status: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}

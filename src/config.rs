@@ -1,0 +1,315 @@
+//! One typed configuration: `config/default.toml`, then `PANDAGUARD_*` environment
+//! variables (nested keys joined by `__`, e.g. `PANDAGUARD_ENGINE__MAX_BATCH_ROWS=16`),
+//! then command-line flags. Everything is validated once at start-up so a bad value
+//! stops the process with a clear message instead of surfacing on the first request.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Environment variables with the `PANDAGUARD_` prefix that are not configuration keys.
+const NON_CONFIG_ENV: &[&str] = &["config", "log"];
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub runtime: RuntimeConfig,
+    pub engine: EngineConfig,
+    pub image: ImageConfig,
+    pub models: ModelsConfig,
+    pub classify: ClassifyConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address the HTTP server listens on.
+    pub bind: String,
+    /// Largest accepted request body. Replaces axum's silent 2 MB default.
+    pub max_body_bytes: usize,
+    /// Deadline of one request from arrival to answer; past it the client gets 504.
+    pub request_timeout_ms: u64,
+    /// `Retry-After` sent with 503 answers.
+    pub retry_after_seconds: u64,
+    /// `json` (one object per line, for log shippers) or `text`.
+    pub log_format: String,
+    /// After SIGTERM/SIGINT: readiness turns 503 at once, serving goes on this long
+    /// so the load balancer stops sending traffic before connections are refused.
+    pub drain_delay_ms: u64,
+    /// Then: how long in-flight requests may take to finish before the process exits.
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Path of `libonnxruntime.so.*`. When unset: `ORT_DYLIB_PATH`, then the project's `.venv`.
+    pub ort_dylib_path: Option<PathBuf>,
+    /// Threads of the process-wide ONNX Runtime intra-op pool; 0 = available cores.
+    pub intra_op_threads: usize,
+    pub inter_op_threads: usize,
+    /// Let idle ORT threads spin. Off by default: on small machines spinning threads
+    /// steal the cores that decoding and the HTTP layer need.
+    pub spin: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Most rows (model inputs) in one `Session::run`.
+    pub max_batch_rows: usize,
+    /// How long a batch waits for more rows after its oldest row arrived.
+    pub max_wait_ms: u64,
+    /// Rows admitted and not yet run, per model. Past this, requests get 503 at once.
+    pub queue_capacity_rows: usize,
+    /// Most rows one request may submit to one model.
+    pub max_rows_per_request: usize,
+    /// Run a full batch through each model before reporting ready.
+    pub warmup: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ImageConfig {
+    pub max_width: u32,
+    pub max_height: u32,
+    /// Width × height, checked from the header before any pixel is decoded.
+    pub max_pixels: u64,
+    /// Upper bound on what the decoder may allocate (`image::Limits::max_alloc`).
+    pub max_alloc_bytes: u64,
+    /// Decodes running at once (each may hold a full-size bitmap); 0 = 2 × cores.
+    pub max_concurrent_decodes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsConfig {
+    /// Folder holding the model cards (`<name>.toml`), ONNX files and label lists.
+    pub dir: PathBuf,
+    /// Models loaded at start-up; readiness waits for all of them.
+    pub load: Vec<String>,
+    /// Model used when a request names none.
+    pub default: String,
+    /// Refuse a model file whose sha256 differs from its card.
+    pub verify_sha256: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClassifyConfig {
+    pub default_top_k: usize,
+    pub max_top_k: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            bind: "0.0.0.0:8080".into(),
+            max_body_bytes: 20 * 1024 * 1024,
+            request_timeout_ms: 10_000,
+            retry_after_seconds: 1,
+            log_format: "json".into(),
+            drain_delay_ms: 5_000,
+            shutdown_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self { ort_dylib_path: None, intra_op_threads: 0, inter_op_threads: 1, spin: false }
+    }
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self { max_batch_rows: 32, max_wait_ms: 2, queue_capacity_rows: 512, max_rows_per_request: 256, warmup: true }
+    }
+}
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        Self {
+            max_width: 16_384,
+            max_height: 16_384,
+            max_pixels: 40_000_000,
+            max_alloc_bytes: 512 * 1024 * 1024,
+            max_concurrent_decodes: 0,
+        }
+    }
+}
+
+impl Default for ModelsConfig {
+    fn default() -> Self {
+        Self {
+            dir: PathBuf::from("models"),
+            load: vec!["efficientnet-lite0".into(), "efficientnet-lite1".into(), "efficientnet-lite2".into()],
+            default: "efficientnet-lite0".into(),
+            verify_sha256: true,
+        }
+    }
+}
+
+impl Default for ClassifyConfig {
+    fn default() -> Self {
+        Self { default_top_k: 5, max_top_k: 20 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    #[error("configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// Values given on the command line; they override the file and the environment.
+#[derive(Debug, Default, Serialize)]
+pub struct CliOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerOverrides>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models: Option<ModelOverrides>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ServerOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct ModelOverrides {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load: Option<Vec<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default: Option<String>,
+}
+
+impl Config {
+    /// Loads defaults ← `file` ← `PANDAGUARD_*` ← CLI, then validates.
+    pub fn load(file: Option<&Path>, cli: &CliOverrides) -> Result<Self, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = file {
+            if !path.is_file() {
+                return Err(ConfigError::MissingFile(path.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file(path));
+        }
+        let config: Config = figment
+            .merge(Env::prefixed("PANDAGUARD_").ignore(NON_CONFIG_ENV).split("__"))
+            .merge(Serialized::defaults(cli))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, message: String| {
+            if !ok {
+                problems.push(message);
+            }
+        };
+        check(
+            self.server.bind.parse::<SocketAddr>().is_ok(),
+            format!("server.bind = {:?} is not an address like 0.0.0.0:8080", self.server.bind),
+        );
+        check(self.server.max_body_bytes >= 1024, "server.max_body_bytes must be at least 1024".into());
+        check(
+            matches!(self.server.log_format.as_str(), "json" | "text"),
+            format!("server.log_format = {:?} must be json or text", self.server.log_format),
+        );
+        check(self.server.request_timeout_ms > 0, "server.request_timeout_ms must be positive".into());
+        let engine = &self.engine;
+        check(engine.max_batch_rows >= 1, "engine.max_batch_rows must be at least 1".into());
+        check(engine.max_rows_per_request >= 1, "engine.max_rows_per_request must be at least 1".into());
+        check(
+            engine.queue_capacity_rows >= engine.max_rows_per_request,
+            format!(
+                "engine.queue_capacity_rows ({}) must be at least engine.max_rows_per_request ({}), \
+                 or the largest allowed request could never be admitted",
+                engine.queue_capacity_rows, engine.max_rows_per_request
+            ),
+        );
+        check(
+            self.image.max_width >= 1 && self.image.max_height >= 1 && self.image.max_pixels >= 1,
+            "image.max_width, max_height and max_pixels must be positive".into(),
+        );
+        check(!self.models.load.is_empty(), "models.load must name at least one model".into());
+        check(
+            self.models.load.contains(&self.models.default),
+            format!("models.default = {:?} is not in models.load {:?}", self.models.default, self.models.load),
+        );
+        check(
+            (1..=self.classify.max_top_k).contains(&self.classify.default_top_k),
+            "classify.default_top_k must be between 1 and classify.max_top_k".into(),
+        );
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
+    }
+
+    pub fn bind_addr(&self) -> SocketAddr {
+        // validate() guarantees it parses; fall back to the default rather than panic.
+        self.server.bind.parse().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 8080)))
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        Config::default().validate().unwrap();
+    }
+
+    #[test]
+    fn shipped_default_file_parses_and_validates() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+        Config::load(Some(&path), &CliOverrides::default()).unwrap();
+    }
+
+    #[test]
+    fn validation_lists_every_problem() {
+        let mut config = Config::default();
+        config.server.bind = "nowhere".into();
+        config.engine.max_batch_rows = 0;
+        config.models.default = "missing".into();
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else { panic!() };
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn environment_and_cli_override_the_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[engine]\nmax_batch_rows = 8\n[server]\nbind = \"127.0.0.1:1\"\n")?;
+            jail.set_env("PANDAGUARD_ENGINE__MAX_WAIT_MS", "7");
+            jail.set_env("PANDAGUARD_CONFIG", "ignored");
+            let cli = CliOverrides { server: Some(ServerOverrides { bind: Some("127.0.0.1:9".into()) }), models: None };
+            let config = Config::load(Some(Path::new("c.toml")), &cli).map_err(|e| e.to_string())?;
+            assert_eq!(config.engine.max_batch_rows, 8);
+            assert_eq!(config.engine.max_wait_ms, 7);
+            assert_eq!(config.server.bind, "127.0.0.1:9");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[engine]\nmax_batch_row = 8\n")?;
+            let err = Config::load(Some(Path::new("c.toml")), &CliOverrides::default()).unwrap_err();
+            assert!(err.to_string().contains("max_batch_row"), "{err}");
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,297 @@
+//! The inference engine: one dynamic batcher per model.
+//!
+//! A request submits one or many rows (model input tensors) with a deadline. A worker
+//! on a dedicated OS thread owns the model's session, gathers rows from the queue
+//! until `max_batch_rows` or `max_wait`, runs them together and hands every request
+//! its rows' outputs. Admission is counted in rows and fails fast when the queue is
+//! full, so overload turns into quick 503s instead of slow time-outs.
+
+mod onnx;
+mod worker;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::oneshot;
+
+pub use onnx::OnnxRunner;
+
+use crate::error::ApiError;
+
+/// Something that turns a batch of rows into a batch of outputs; in production an
+/// ONNX Runtime session (`OnnxRunner`). Owned by exactly one worker thread.
+pub trait BatchRunner: 'static {
+    /// `input` holds `rows` rows of `row_len` floats back to back; the answer holds
+    /// `rows` rows of `output_len` floats.
+    fn run(&mut self, input: &[f32], rows: usize) -> Result<Vec<f32>, String>;
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Model name, for thread names, logs and metric labels.
+    pub name: String,
+    /// Floats per input row.
+    pub row_len: usize,
+    /// Floats per output row.
+    pub output_len: usize,
+    pub max_batch_rows: usize,
+    pub max_wait: Duration,
+    pub capacity_rows: usize,
+    pub max_rows_per_request: usize,
+    /// Run one full batch (and one single row) before `start` returns.
+    pub warmup: bool,
+}
+
+/// What a request gets back: its rows' outputs in order, and where its time went.
+#[derive(Debug, Clone)]
+pub struct EngineOutput {
+    pub outputs: Vec<f32>,
+    pub rows: usize,
+    /// From admission until the first of its rows entered a batch.
+    pub queue_time: Duration,
+    /// Sum of the `Session::run` calls its rows took part in.
+    pub inference_time: Duration,
+    pub batches: usize,
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum EngineError {
+    #[error("queue of model {model} is full ({queued} of {capacity} rows waiting)")]
+    QueueFull { model: String, queued: usize, capacity: usize },
+    #[error("{rows} rows requested, at most {max} per request")]
+    TooManyRows { rows: usize, max: usize },
+    #[error("input has {got} floats, expected {expected}")]
+    BadInput { got: usize, expected: usize },
+    #[error("deadline passed while waiting in the queue")]
+    DeadlineExceeded,
+    #[error("inference failed: {0}")]
+    Inference(String),
+    #[error("the engine of model {0} has stopped")]
+    Stopped(String),
+}
+
+impl EngineError {
+    /// Maps to the API error; `deadline_ms` is the request's own deadline, for the message.
+    pub fn into_api(self, deadline_ms: u64) -> ApiError {
+        match self {
+            EngineError::QueueFull { .. } => ApiError::Overloaded(self.to_string()),
+            EngineError::TooManyRows { rows, max } => ApiError::invalid_parameter(
+                "samples",
+                format!("the request needs {rows} model inputs, more than the limit of {max}"),
+            ),
+            EngineError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms },
+            EngineError::Stopped(_) => ApiError::NotReady(self.to_string()),
+            EngineError::BadInput { .. } | EngineError::Inference(_) => ApiError::Internal(self.to_string()),
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<EngineOutput, EngineError>>;
+
+/// One request's rows while they wait and run.
+struct Job {
+    input: Vec<f32>,
+    rows: usize,
+    /// Rows already handed to a batch.
+    next_row: usize,
+    outputs: Vec<f32>,
+    reply: Reply,
+    deadline: Instant,
+    enqueued_at: Instant,
+    started_at: Option<Instant>,
+    inference_time: Duration,
+    batches: usize,
+}
+
+impl Job {
+    fn remaining(&self) -> usize {
+        self.rows - self.next_row
+    }
+}
+
+struct Queue {
+    jobs: VecDeque<Job>,
+    closed: bool,
+}
+
+struct Shared {
+    options: EngineOptions,
+    queue: Mutex<Queue>,
+    wake: Condvar,
+    /// Rows admitted and not yet run (queued or partially run jobs).
+    queued_rows: AtomicUsize,
+    alive: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // A poisoned lock only means a thread panicked while holding it; the queue
+        // itself is still consistent (every mutation is a single push or drain).
+        self.queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn release_rows(&self, rows: usize) {
+        let left = self.queued_rows.fetch_sub(rows, Ordering::AcqRel) - rows;
+        metrics::gauge!("pandaguard_queue_rows", "model" => self.options.name.clone()).set(left as f64);
+    }
+}
+
+/// Handle to one model's batcher. Cheap to clone.
+#[derive(Clone)]
+pub struct Engine {
+    shared: Arc<Shared>,
+}
+
+impl Engine {
+    /// Starts the worker thread, which builds its runner with `make_runner` (so the
+    /// session lives and dies on the thread that owns it) and warms it up. Blocks
+    /// until the runner is ready or failed.
+    pub fn start<R, F>(options: EngineOptions, make_runner: F) -> Result<Engine, String>
+    where
+        R: BatchRunner,
+        F: FnOnce() -> Result<R, String> + Send + 'static,
+    {
+        let shared = Arc::new(Shared {
+            options: options.clone(),
+            queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
+            wake: Condvar::new(),
+            queued_rows: AtomicUsize::new(0),
+            alive: AtomicBool::new(true),
+        });
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let worker_shared = Arc::clone(&shared);
+        std::thread::Builder::new()
+            .name(format!("engine-{}", options.name))
+            .spawn(move || {
+                let runner = make_runner().and_then(|mut runner| {
+                    if options.warmup {
+                        warm_up(&mut runner, &options)?;
+                    }
+                    Ok(runner)
+                });
+                match runner {
+                    Ok(runner) => {
+                        let _ = ready_tx.send(Ok(()));
+                        worker::run(&worker_shared, runner);
+                    }
+                    Err(message) => {
+                        let _ = ready_tx.send(Err(message));
+                    }
+                }
+                worker_shared.alive.store(false, Ordering::Release);
+            })
+            .map_err(|e| format!("cannot spawn the engine thread: {e}"))?;
+        match ready_rx.recv() {
+            Ok(Ok(())) => Ok(Engine { shared }),
+            Ok(Err(message)) => Err(message),
+            Err(_) => Err("the engine thread exited while loading the model".into()),
+        }
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.shared.options
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::Acquire)
+    }
+
+    pub fn queued_rows(&self) -> usize {
+        self.shared.queued_rows.load(Ordering::Acquire)
+    }
+
+    /// Admits `rows` rows or refuses at once. The returned receiver yields the
+    /// outputs; dropping it withdraws the rows that have not run yet.
+    pub fn submit(
+        &self,
+        input: Vec<f32>,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Result<EngineOutput, EngineError>>, EngineError> {
+        let options = &self.shared.options;
+        if rows == 0 || input.len() != rows * options.row_len {
+            return Err(EngineError::BadInput { got: input.len(), expected: rows.max(1) * options.row_len });
+        }
+        if rows > options.max_rows_per_request {
+            return Err(EngineError::TooManyRows { rows, max: options.max_rows_per_request });
+        }
+        if !self.is_alive() {
+            return Err(EngineError::Stopped(options.name.clone()));
+        }
+        let admitted = self.shared.queued_rows.fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+            (queued + rows <= options.capacity_rows).then_some(queued + rows)
+        });
+        let queued = match admitted {
+            Ok(before) => before + rows,
+            Err(queued) => {
+                metrics::counter!("pandaguard_rejected_total", "model" => options.name.clone(), "reason" => "queue_full")
+                    .increment(1);
+                return Err(EngineError::QueueFull {
+                    model: options.name.clone(),
+                    queued,
+                    capacity: options.capacity_rows,
+                });
+            }
+        };
+        metrics::gauge!("pandaguard_queue_rows", "model" => options.name.clone()).set(queued as f64);
+        let (reply, receiver) = oneshot::channel();
+        let job = Job {
+            input,
+            rows,
+            next_row: 0,
+            outputs: Vec::with_capacity(rows * options.output_len),
+            reply,
+            deadline,
+            enqueued_at: Instant::now(),
+            started_at: None,
+            inference_time: Duration::ZERO,
+            batches: 0,
+        };
+        {
+            let mut queue = self.shared.lock();
+            if queue.closed {
+                drop(queue);
+                self.shared.release_rows(rows);
+                return Err(EngineError::Stopped(options.name.clone()));
+            }
+            queue.jobs.push_back(job);
+        }
+        self.shared.wake.notify_one();
+        Ok(receiver)
+    }
+
+    /// Submits and waits. Dropping the future cancels the rows that have not run.
+    pub async fn infer(&self, input: Vec<f32>, rows: usize, deadline: Instant) -> Result<EngineOutput, EngineError> {
+        let receiver = self.submit(input, rows, deadline)?;
+        match receiver.await {
+            Ok(result) => result,
+            Err(_) => Err(EngineError::Stopped(self.shared.options.name.clone())),
+        }
+    }
+
+    /// Stops admitting; the worker finishes what is queued and exits.
+    pub fn close(&self) {
+        self.shared.lock().closed = true;
+        self.shared.wake.notify_all();
+    }
+}
+
+fn warm_up<R: BatchRunner>(runner: &mut R, options: &EngineOptions) -> Result<(), String> {
+    for rows in [options.max_batch_rows, 1] {
+        let input = vec![0.0f32; rows * options.row_len];
+        let output = runner.run(&input, rows).map_err(|e| format!("warm-up with {rows} rows failed: {e}"))?;
+        if output.len() != rows * options.output_len {
+            return Err(format!(
+                "warm-up with {rows} rows returned {} floats, expected {}",
+                output.len(),
+                rows * options.output_len
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

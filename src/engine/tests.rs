@@ -1,0 +1,183 @@
+//! Batching logic with a stand-in runner whose output reveals which row it saw and
+//! how large the batch was. (The real model is exercised by the integration tests.)
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// Output per row: [the row's first float, rows in this batch].
+struct EchoRunner {
+    batches: Arc<Mutex<Vec<usize>>>,
+    delay: Duration,
+    fail_when_first_is: Option<f32>,
+    panic_when_first_is: Option<f32>,
+}
+
+impl BatchRunner for EchoRunner {
+    fn run(&mut self, input: &[f32], rows: usize) -> Result<Vec<f32>, String> {
+        std::thread::sleep(self.delay);
+        let row_len = input.len() / rows;
+        let firsts: Vec<f32> = (0..rows).map(|r| input[r * row_len]).collect();
+        if self.panic_when_first_is.is_some_and(|v| firsts.contains(&v)) {
+            panic!("runner exploded");
+        }
+        if self.fail_when_first_is.is_some_and(|v| firsts.contains(&v)) {
+            return Err("bad batch".into());
+        }
+        self.batches.lock().unwrap().push(rows);
+        Ok(firsts.iter().flat_map(|f| [*f, rows as f32]).collect())
+    }
+}
+
+fn options(max_batch_rows: usize, capacity_rows: usize) -> EngineOptions {
+    EngineOptions {
+        name: "echo".into(),
+        row_len: 4,
+        output_len: 2,
+        max_batch_rows,
+        max_wait: Duration::from_millis(20),
+        capacity_rows,
+        max_rows_per_request: capacity_rows,
+        warmup: false,
+    }
+}
+
+fn start(options: EngineOptions, delay: Duration) -> (Engine, Arc<Mutex<Vec<usize>>>) {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let runner_batches = Arc::clone(&batches);
+    let engine = Engine::start(options, move || {
+        Ok(EchoRunner { batches: runner_batches, delay, fail_when_first_is: None, panic_when_first_is: None })
+    })
+    .unwrap();
+    (engine, batches)
+}
+
+/// `rows` rows whose first floats are start, start+1, ...
+fn rows_from(start: f32, rows: usize) -> Vec<f32> {
+    (0..rows).flat_map(|r| [start + r as f32, 0.0, 0.0, 0.0]).collect()
+}
+
+fn later(ms: u64) -> Instant {
+    Instant::now() + Duration::from_millis(ms)
+}
+
+#[tokio::test]
+async fn concurrent_requests_share_batches_and_get_their_own_rows() {
+    let (engine, batches) = start(options(32, 256), Duration::from_millis(5));
+    let mut handles = Vec::new();
+    for request in 0..8 {
+        let engine = engine.clone();
+        handles.push(tokio::spawn(async move {
+            let start = request as f32 * 100.0;
+            let out = engine.infer(rows_from(start, 3), 3, later(5000)).await.unwrap();
+            (start, out)
+        }));
+    }
+    for handle in handles {
+        let (start, out) = handle.await.unwrap();
+        let firsts: Vec<f32> = out.outputs.chunks(2).map(|o| o[0]).collect();
+        assert_eq!(firsts, vec![start, start + 1.0, start + 2.0]);
+    }
+    let batches = batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().sum::<usize>(), 24);
+    assert!(batches.len() < 8, "8 concurrent requests ran in {} batches: {batches:?}", batches.len());
+    assert_eq!(engine.queued_rows(), 0);
+}
+
+#[tokio::test]
+async fn a_large_request_is_split_into_full_batches_in_order() {
+    let (engine, batches) = start(options(8, 256), Duration::ZERO);
+    let out = engine.infer(rows_from(0.0, 20), 20, later(5000)).await.unwrap();
+    let firsts: Vec<f32> = out.outputs.chunks(2).map(|o| o[0]).collect();
+    assert_eq!(firsts, (0..20).map(|i| i as f32).collect::<Vec<_>>());
+    assert_eq!(*batches.lock().unwrap(), vec![8, 8, 4]);
+    assert_eq!(out.batches, 3);
+}
+
+#[tokio::test]
+async fn admission_is_counted_in_rows_and_refuses_fast_when_full() {
+    let (engine, _) = start(options(4, 10), Duration::from_millis(200));
+    let first = engine.submit(rows_from(0.0, 8), 8, later(5000)).unwrap();
+    let started = Instant::now();
+    let refused = engine.submit(rows_from(0.0, 4), 4, later(5000)).unwrap_err();
+    assert!(matches!(refused, EngineError::QueueFull { .. }), "{refused:?}");
+    assert!(started.elapsed() < Duration::from_millis(50));
+    // Two more rows still fit.
+    let second = engine.submit(rows_from(50.0, 2), 2, later(5000)).unwrap();
+    assert!(first.await.unwrap().is_ok());
+    assert!(second.await.unwrap().is_ok());
+    assert_eq!(engine.queued_rows(), 0);
+}
+
+#[tokio::test]
+async fn oversized_and_malformed_submissions_are_refused() {
+    let (engine, _) = start(options(4, 10), Duration::ZERO);
+    assert!(matches!(engine.submit(rows_from(0.0, 11), 11, later(100)), Err(EngineError::TooManyRows { .. })));
+    assert!(matches!(engine.submit(vec![0.0; 5], 1, later(100)), Err(EngineError::BadInput { .. })));
+    assert!(matches!(engine.submit(Vec::new(), 0, later(100)), Err(EngineError::BadInput { .. })));
+}
+
+#[tokio::test]
+async fn rows_of_a_departed_client_are_dropped_before_inference() {
+    let (engine, batches) = start(options(4, 256), Duration::from_millis(100));
+    let blocker = engine.submit(rows_from(0.0, 4), 4, later(5000)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await; // the worker is now busy with it
+    let abandoned = engine.submit(rows_from(10.0, 4), 4, later(5000)).unwrap();
+    drop(abandoned);
+    let kept = engine.infer(rows_from(20.0, 2), 2, later(5000)).await.unwrap();
+    assert_eq!(kept.outputs[0], 20.0);
+    assert!(blocker.await.unwrap().is_ok());
+    assert_eq!(*batches.lock().unwrap(), vec![4, 2], "the abandoned rows must not run");
+    assert_eq!(engine.queued_rows(), 0);
+}
+
+#[tokio::test]
+async fn a_request_past_its_deadline_is_answered_without_running() {
+    let (engine, batches) = start(options(4, 256), Duration::from_millis(150));
+    let blocker = engine.submit(rows_from(0.0, 4), 4, later(5000)).unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let late = engine.infer(rows_from(10.0, 1), 1, later(50)).await.unwrap_err();
+    assert!(matches!(late, EngineError::DeadlineExceeded), "{late:?}");
+    assert!(blocker.await.unwrap().is_ok());
+    assert_eq!(*batches.lock().unwrap(), vec![4]);
+}
+
+#[tokio::test]
+async fn a_failing_or_panicking_batch_fails_its_requests_and_the_worker_lives_on() {
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let runner_batches = Arc::clone(&batches);
+    let engine = Engine::start(options(1, 256), move || {
+        Ok(EchoRunner {
+            batches: runner_batches,
+            delay: Duration::ZERO,
+            fail_when_first_is: Some(13.0),
+            panic_when_first_is: Some(66.0),
+        })
+    })
+    .unwrap();
+    let failed = engine.infer(rows_from(13.0, 1), 1, later(5000)).await.unwrap_err();
+    assert!(matches!(failed, EngineError::Inference(_)), "{failed:?}");
+    let panicked = engine.infer(rows_from(66.0, 1), 1, later(5000)).await.unwrap_err();
+    assert!(matches!(panicked, EngineError::Inference(ref m) if m.contains("panicked")), "{panicked:?}");
+    let fine = engine.infer(rows_from(1.0, 1), 1, later(5000)).await.expect("after failures");
+    assert_eq!(fine.outputs, vec![1.0, 1.0]);
+    assert!(engine.is_alive());
+    assert_eq!(engine.queued_rows(), 0);
+}
+
+#[tokio::test]
+async fn a_closed_engine_finishes_queued_work_and_refuses_new_work() {
+    let (engine, _) = start(options(4, 256), Duration::from_millis(30));
+    let queued = engine.submit(rows_from(0.0, 2), 2, later(5000)).unwrap();
+    engine.close();
+    assert!(queued.await.unwrap().is_ok());
+    assert!(matches!(engine.submit(rows_from(0.0, 1), 1, later(5000)), Err(EngineError::Stopped(_))));
+}
+
+#[test]
+fn a_runner_that_fails_to_load_is_reported() {
+    let err =
+        Engine::start(options(4, 16), || -> Result<EchoRunner, String> { Err("no such file".into()) }).err().unwrap();
+    assert_eq!(err, "no such file");
+}

@@ -1,0 +1,155 @@
+//! `POST /classify`: read the image from the body (raw or multipart), run the
+//! pipeline under the request's deadline, answer JSON.
+
+use axum::Json;
+use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{Bytes, BytesMut};
+use http_body_util::BodyExt;
+
+use super::AppState;
+use super::observe::{RequestContext, RequestSummary};
+use crate::api::{ClassifyResponse, ErrorResponse, Timing};
+use crate::error::ApiError;
+use crate::params::ClassifyParams;
+
+/// Media types taken as a raw image body. The bytes decide the format; the type only
+/// has to be plausible. `application/x-www-form-urlencoded` is what
+/// `curl --data-binary @photo.jpg` sends when no type is given, so it is accepted too.
+const RAW_IMAGE_TYPES: &[&str] = &[
+    "image/jpeg",
+    "image/jpg",
+    "image/pjpeg",
+    "image/png",
+    "image/webp",
+    "image/gif",
+    "image/bmp",
+    "image/x-ms-bmp",
+    "image/tiff",
+    "application/octet-stream",
+    "application/x-www-form-urlencoded",
+];
+
+/// Classify an image.
+///
+/// The body is the image (`Content-Type: image/jpeg|png|webp|gif|bmp|tiff` or
+/// `application/octet-stream`), or `multipart/form-data` with a field `image`.
+#[utoipa::path(post, path = "/classify", tag = "classify",
+    params(
+        ("model" = Option<String>, Query, description = "Model for the prediction (default from config; see /models)"),
+        ("top_k" = Option<usize>, Query, description = "Classes to list, 1 to classify.max_top_k (default 5, at most 20)"),
+    ),
+    request_body(description = "The image bytes, or multipart/form-data with an `image` field",
+        content(
+            (Vec<u8> = "image/jpeg"), (Vec<u8> = "image/png"), (Vec<u8> = "image/webp"), (Vec<u8> = "image/gif"),
+            (Vec<u8> = "image/bmp"), (Vec<u8> = "image/tiff"), (Vec<u8> = "application/octet-stream"),
+            (Vec<u8> = "multipart/form-data"),
+        )),
+    responses(
+        (status = 200, description = "The prediction", body = ClassifyResponse),
+        (status = 400, description = "Undecodable image, or multipart without an `image` field", body = ErrorResponse),
+        (status = 401, description = "Missing or wrong API key (when keys are configured)", body = ErrorResponse),
+        (status = 408, description = "The body did not arrive before the deadline", body = ErrorResponse),
+        (status = 413, description = "Body or image dimensions over the limits", body = ErrorResponse),
+        (status = 415, description = "Unsupported Content-Type", body = ErrorResponse),
+        (status = 422, description = "Invalid query parameter", body = ErrorResponse),
+        (status = 503, description = "Overloaded (queue full) or not ready; see Retry-After", body = ErrorResponse),
+        (status = 504, description = "Not finished within the request deadline", body = ErrorResponse),
+    ))]
+pub async fn classify(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
+    let context = request
+        .extensions()
+        .get::<RequestContext>()
+        .cloned()
+        .ok_or_else(|| ApiError::Internal("request context missing".into()))?;
+    let params = ClassifyParams::from_query(request.uri().query(), state.config())?;
+    let pipeline = state.pipeline()?;
+    let timeout = pipeline.request_timeout();
+    let deadline = tokio::time::Instant::from_std(context.arrived + timeout);
+    let deadline_ms = timeout.as_millis() as u64;
+
+    let max_body = state.config().server.max_body_bytes;
+    let body = tokio::time::timeout_at(deadline, read_image(request, &state, max_body))
+        .await
+        .map_err(|_| ApiError::BodyTimeout { deadline_ms })??;
+
+    let answer = tokio::time::timeout_at(deadline, pipeline.classify(body, &params, context.id, context.arrived))
+        .await
+        .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
+
+    let summary = RequestSummary { model: answer.model.clone(), rows: 1, suspicious: None };
+    let server_timing = server_timing(&answer.timing_ms);
+    let mut response = Json(answer).into_response();
+    if let Ok(value) = HeaderValue::from_str(&server_timing) {
+        response.headers_mut().insert("server-timing", value);
+    }
+    response.extensions_mut().insert(summary);
+    Ok(response)
+}
+
+/// `Server-Timing` lets browsers and proxies show the stages without parsing the body.
+fn server_timing(t: &Timing) -> String {
+    format!(
+        "decode;dur={}, preprocess;dur={}, queue;dur={}, inference;dur={}, total;dur={}",
+        t.decode, t.preprocess, t.queue, t.inference, t.total
+    )
+}
+
+fn media_type(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else { return Ok(String::new()) };
+    let text = value.to_str().map_err(|_| ApiError::UnsupportedMediaType("(not ASCII)".into()))?;
+    Ok(text.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+}
+
+async fn read_image(request: Request, state: &AppState, max_body: usize) -> Result<Bytes, ApiError> {
+    let media_type = media_type(request.headers())?;
+    let declared =
+        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    // Refuse a declared oversize body before reading a byte of it.
+    if declared.is_some_and(|len| len > max_body as u64) {
+        return Err(ApiError::BodyTooLarge { limit: max_body });
+    }
+    if media_type == "multipart/form-data" {
+        read_multipart(request, state, max_body).await
+    } else if media_type.is_empty() || RAW_IMAGE_TYPES.contains(&media_type.as_str()) {
+        read_raw(request, max_body, declared).await
+    } else {
+        Err(ApiError::UnsupportedMediaType(media_type))
+    }
+}
+
+async fn read_raw(request: Request, max_body: usize, declared: Option<u64>) -> Result<Bytes, ApiError> {
+    let mut body = request.into_body();
+    // Trust the declared length only as a capacity hint, and never beyond the limit.
+    let mut buffer = BytesMut::with_capacity(declared.map_or(64 * 1024, |n| n as usize).min(max_body));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ApiError::BadRequest(format!("cannot read the request body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > max_body {
+                return Err(ApiError::BodyTooLarge { limit: max_body });
+            }
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(buffer.freeze())
+}
+
+async fn read_multipart(request: Request, state: &AppState, max_body: usize) -> Result<Bytes, ApiError> {
+    let mut multipart = Multipart::from_request(request, state)
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text())))?;
+    let multipart_error = |e: axum::extract::multipart::MultipartError| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::BodyTooLarge { limit: max_body }
+        } else {
+            ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
+        }
+    };
+    while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
+        if field.name() == Some("image") {
+            return field.bytes().await.map_err(multipart_error);
+        }
+    }
+    Err(ApiError::BadRequest("the multipart body has no field named `image`".into()))
+}

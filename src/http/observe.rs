@@ -1,0 +1,93 @@
+//! Per-request bookkeeping in one middleware: the request id (accepted from
+//! `x-request-id` or generated, echoed back), the arrival time the deadline runs
+//! from, Prometheus counters and latency, `Retry-After` on 503s, and one structured
+//! access-log line per request.
+
+use std::time::Instant;
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::AppState;
+
+pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Inserted into every request's extensions by `observe`.
+#[derive(Debug, Clone)]
+pub struct RequestContext {
+    pub id: String,
+    pub arrived: Instant,
+}
+
+/// What a handler wants in the access log; put into the response's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct RequestSummary {
+    pub model: String,
+    pub rows: usize,
+    pub suspicious: Option<bool>,
+}
+
+const ROUTES: &[&str] = &["/classify", "/models", "/health/live", "/health/ready", "/metrics", "/openapi.json"];
+
+pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+    let arrived = Instant::now();
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_acceptable_id(v))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    // Label by route, never by raw path: arbitrary paths would explode the label set.
+    let route = ROUTES.iter().find(|r| **r == path).copied().unwrap_or("other");
+    request.extensions_mut().insert(RequestContext { id: id.clone(), arrived });
+
+    let mut response = next.run(request).await;
+
+    let status = response.status();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        headers.insert(REQUEST_ID.clone(), value);
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE && !headers.contains_key(header::RETRY_AFTER) {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(state.config().server.retry_after_seconds));
+    }
+    let latency = arrived.elapsed();
+    metrics::counter!("pandaguard_http_requests_total", "route" => route, "status" => status.as_str().to_string())
+        .increment(1);
+    metrics::histogram!("pandaguard_http_request_seconds", "route" => route).record(latency.as_secs_f64());
+
+    let summary = response.extensions().get::<RequestSummary>().cloned().unwrap_or_default();
+    if route != "/metrics" && !route.starts_with("/health") {
+        tracing::info!(
+            target: "access",
+            request_id = %id,
+            method = %method,
+            path = %route,
+            status = status.as_u16(),
+            latency_ms = (latency.as_secs_f64() * 1e3 * 1e3).round() / 1e3,
+            model = %summary.model,
+            rows = summary.rows,
+            suspicious = summary.suspicious,
+            "request"
+        );
+    }
+    response
+}
+
+/// Printable ASCII, bounded: anything else is replaced by a fresh id rather than
+/// echoed into headers and logs.
+fn is_acceptable_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 128 && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Prometheus text exposition.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus metrics", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], state.metrics().render()).into_response()
+}

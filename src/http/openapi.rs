@@ -1,0 +1,29 @@
+//! The OpenAPI document (`/openapi.json`) and Swagger UI (`/docs`), generated from
+//! the handlers' annotations so the documented statuses are the real ones.
+
+use axum::Router;
+use utoipa::OpenApi;
+use utoipa_swagger_ui::SwaggerUi;
+
+use super::AppState;
+use crate::api::{
+    ClassScore, ClassifyResponse, ErrorDetail, ErrorResponse, HealthResponse, ModelInfo, ModelsResponse, Prediction,
+    Timing,
+};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "pandaguard", description = "Image classification with the raw prediction and one defended against adversarial examples"),
+    paths(super::classify::classify, super::models::list, super::health::live, super::health::ready, super::observe::metrics),
+    components(schemas(ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo, HealthResponse)),
+    tags(
+        (name = "classify", description = "Predictions"),
+        (name = "models", description = "Loaded models and their cards"),
+        (name = "health", description = "Probes and metrics"),
+    )
+)]
+pub struct ApiDoc;
+
+pub fn routes() -> Router<AppState> {
+    Router::from(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))
+}

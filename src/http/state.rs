@@ -1,0 +1,65 @@
+//! What every handler can reach: the config, the pipeline once the models are ready,
+//! the metrics handle and whether the replica is draining.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::pipeline::Pipeline;
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+struct Inner {
+    config: Arc<Config>,
+    /// Set once every configured model is loaded and warmed up.
+    pipeline: OnceLock<Arc<Pipeline>>,
+    draining: AtomicBool,
+    metrics: PrometheusHandle,
+}
+
+impl AppState {
+    pub fn new(config: Arc<Config>, metrics: PrometheusHandle) -> Self {
+        Self(Arc::new(Inner { config, pipeline: OnceLock::new(), draining: AtomicBool::new(false), metrics }))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.0.config
+    }
+
+    pub fn metrics(&self) -> &PrometheusHandle {
+        &self.0.metrics
+    }
+
+    pub fn set_pipeline(&self, pipeline: Arc<Pipeline>) {
+        let _ = self.0.pipeline.set(pipeline);
+    }
+
+    /// The pipeline, or 503 while models are still loading.
+    pub fn pipeline(&self) -> Result<&Arc<Pipeline>, ApiError> {
+        self.0.pipeline.get().ok_or_else(|| ApiError::NotReady("models are still loading".into()))
+    }
+
+    pub fn start_draining(&self) {
+        self.0.draining.store(true, Ordering::Release);
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.0.draining.load(Ordering::Acquire)
+    }
+
+    /// Why the replica should not get traffic, or `None` when it should.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.is_draining() {
+            return Some("draining: shutting down".into());
+        }
+        match self.0.pipeline.get() {
+            None => Some("models are loading".into()),
+            Some(pipeline) if !pipeline.registry().all_alive() => Some("a model engine has stopped".into()),
+            Some(_) => None,
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Decoding untrusted bytes into an RGB8 image, with the size checked from the header
+//! before any pixel is decoded and every allocation bounded by `image::Limits`.
+
+use std::io::Cursor;
+
+use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
+
+use crate::config::ImageConfig;
+use crate::error::ApiError;
+
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeLimits {
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_pixels: u64,
+    pub max_alloc_bytes: u64,
+}
+
+impl From<&ImageConfig> for DecodeLimits {
+    fn from(config: &ImageConfig) -> Self {
+        Self {
+            max_width: config.max_width,
+            max_height: config.max_height,
+            max_pixels: config.max_pixels,
+            max_alloc_bytes: config.max_alloc_bytes,
+        }
+    }
+}
+
+const SUPPORTED: &[ImageFormat] =
+    &[ImageFormat::Jpeg, ImageFormat::Png, ImageFormat::WebP, ImageFormat::Gif, ImageFormat::Bmp, ImageFormat::Tiff];
+
+/// Decodes any supported format and colour type (grey, alpha, 16-bit, palette, CMYK
+/// JPEG; the first frame of an animation), applies the EXIF orientation and returns
+/// RGB8. Alpha is dropped, as PIL's `convert("RGB")` does.
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::InvalidImage("the request body is empty; send an image".into()));
+    }
+    let format = reader(bytes, limits)?.format().filter(|f| SUPPORTED.contains(f)).ok_or_else(|| {
+        ApiError::InvalidImage("not a recognised image: expected JPEG, PNG, WebP, GIF, BMP or TIFF data".into())
+    })?;
+
+    // The JPEG decoder fills a truncated scan with grey instead of failing; a
+    // classifier should not answer for half a photo.
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        return Err(ApiError::InvalidImage("the JPEG data is truncated (no end-of-image marker)".into()));
+    }
+
+    // The header alone tells the size: refuse huge images before allocating for them.
+    let (width, height) = reader(bytes, limits)?.into_dimensions().map_err(|e| decode_error(format, e))?;
+    check_dimensions(width, height, limits)?;
+
+    let mut decoder = reader(bytes, limits)?.into_decoder().map_err(|e| decode_error(format, e))?;
+    let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
+    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    image.apply_orientation(orientation);
+    Ok(match image {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    })
+}
+
+fn reader<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<ImageReader<Cursor<&'a [u8]>>, ApiError> {
+    let mut reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| ApiError::InvalidImage(format!("cannot read the image: {e}")))?;
+    let mut decoder_limits = Limits::default();
+    decoder_limits.max_image_width = Some(limits.max_width);
+    decoder_limits.max_image_height = Some(limits.max_height);
+    decoder_limits.max_alloc = Some(limits.max_alloc_bytes);
+    reader.limits(decoder_limits);
+    Ok(reader)
+}
+
+fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), ApiError> {
+    if width == 0 || height == 0 {
+        return Err(ApiError::InvalidImage(format!("the image is {width}×{height} pixels; it has no pixels")));
+    }
+    if width > limits.max_width
+        || height > limits.max_height
+        || u64::from(width) * u64::from(height) > limits.max_pixels
+    {
+        return Err(ApiError::ImageTooLarge(format!(
+            "the image is {width}×{height} pixels; the limits are {}×{} and {} pixels",
+            limits.max_width, limits.max_height, limits.max_pixels
+        )));
+    }
+    Ok(())
+}
+
+/// Walks the JPEG marker segments and entropy-coded scans and reports whether an
+/// end-of-image marker (FFD9) is reached. Inside scans 0xFF is always followed by a
+/// stuffed 0x00 or a restart marker, so the first other marker after a scan is real
+/// (an EXIF thumbnail's own FFD9 sits inside an APP1 segment and is skipped whole).
+fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let mut i = 2; // after SOI
+    while i + 1 < bytes.len() {
+        if bytes[i] != 0xFF {
+            return false;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            0xD9 => return true,
+            0xFF => i += 1,               // fill byte
+            0x01 | 0xD0..=0xD7 => i += 2, // markers without a length
+            _ => {
+                let Some(len) = bytes.get(i + 2..i + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
+                    return false;
+                };
+                i += 2 + len;
+                if marker == 0xDA {
+                    // Skip the entropy-coded data up to the next real marker.
+                    while i + 1 < bytes.len() && !(bytes[i] == 0xFF && !matches!(bytes[i + 1], 0x00 | 0xD0..=0xD7)) {
+                        i += 1;
+                    }
+                }
+            }
+        }
+    }
+    false
+}
+
+fn decode_error(format: ImageFormat, error: ImageError) -> ApiError {
+    match error {
+        ImageError::Limits(limit) => ApiError::ImageTooLarge(format!("the image exceeds a decoding limit: {limit}")),
+        other => ApiError::InvalidImage(format!("cannot decode the {format:?} image: {other}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Luma, LumaA, Rgba};
+
+    const LIMITS: DecodeLimits =
+        DecodeLimits { max_width: 4096, max_height: 4096, max_pixels: 4_000_000, max_alloc_bytes: 64 << 20 };
+
+    fn encode(image: DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        image.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    #[test]
+    fn every_colour_type_becomes_rgb8() {
+        let grey = DynamicImage::ImageLuma8(ImageBuffer::from_pixel(5, 4, Luma([200u8])));
+        let grey_alpha = DynamicImage::ImageLumaA8(ImageBuffer::from_pixel(5, 4, LumaA([90u8, 10])));
+        let rgba16 = DynamicImage::ImageRgba16(ImageBuffer::from_pixel(5, 4, Rgba([65535u16, 0, 32896, 65535])));
+        for (image, expected) in [(grey, [200, 200, 200]), (grey_alpha, [90, 90, 90]), (rgba16, [255, 0, 128])] {
+            let decoded = decode(&encode(image, ImageFormat::Png), &LIMITS).unwrap();
+            assert_eq!(decoded.dimensions(), (5, 4));
+            assert_eq!(decoded.get_pixel(2, 2).0, expected);
+        }
+    }
+
+    #[test]
+    fn garbage_and_empty_bodies_are_invalid_images() {
+        for bytes in [&b""[..], b"hello, world", &[0u8; 64]] {
+            assert!(matches!(decode(bytes, &LIMITS), Err(ApiError::InvalidImage(_))));
+        }
+        let png = encode(DynamicImage::new_rgb8(64, 64), ImageFormat::Png);
+        assert!(matches!(decode(&png[..png.len() / 2], &LIMITS), Err(ApiError::InvalidImage(_))));
+    }
+
+    #[test]
+    fn truncated_jpegs_are_refused_and_complete_ones_accepted() {
+        let image =
+            DynamicImage::ImageRgb8(RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8 * 4, y as u8 * 5, 90])));
+        let jpeg = encode(image, ImageFormat::Jpeg);
+        assert!(decode(&jpeg, &LIMITS).is_ok());
+        let mut with_trailer = jpeg.clone();
+        with_trailer.extend_from_slice(b"trailing bytes some cameras append");
+        assert!(decode(&with_trailer, &LIMITS).is_ok());
+        for cut in [jpeg.len() - 2, jpeg.len() * 3 / 4, jpeg.len() / 2, 200, 20, 3] {
+            assert!(matches!(decode(&jpeg[..cut], &LIMITS), Err(ApiError::InvalidImage(_))), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn oversized_dimensions_are_refused_from_the_header() {
+        let png = encode(DynamicImage::new_rgb8(300, 200), ImageFormat::Png);
+        let small = DecodeLimits { max_pixels: 300 * 200 - 1, ..LIMITS };
+        assert!(matches!(decode(&png, &small), Err(ApiError::ImageTooLarge(_))));
+        let narrow = DecodeLimits { max_width: 299, ..LIMITS };
+        assert!(matches!(decode(&png, &narrow), Err(ApiError::ImageTooLarge(_))));
+        assert!(decode(&png, &LIMITS).is_ok());
+    }
+}

@@ -1,0 +1,8 @@
+//! The image pipeline: bytes → decoded RGB8 image → model-sized image → model input
+//! row (normalized NCHW floats). Pure functions; no I/O, no async.
+
+mod decode;
+mod preprocess;
+
+pub use decode::{DecodeLimits, decode};
+pub use preprocess::{ModelImage, fit_to_input, resize_region};

@@ -1,0 +1,144 @@
+//! Model cards: `models/<name>.toml` says where a model's file is, what input it
+//! expects and where its weights came from. The server trusts nothing about a model
+//! that its card does not state.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ModelCard {
+    pub name: String,
+    pub description: String,
+    /// ONNX file, relative to the models folder.
+    pub file: String,
+    /// Hex sha256 of the ONNX file, checked at load.
+    pub sha256: String,
+    /// Class names, one per line in index order, relative to the models folder.
+    pub labels: String,
+    pub num_classes: usize,
+    pub license: String,
+    pub source_package: String,
+    pub source_file: String,
+    pub source_url: String,
+    pub input: InputSpec,
+    pub output: OutputSpec,
+    #[serde(default)]
+    pub accuracy: Option<Accuracy>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputSpec {
+    pub name: String,
+    pub width: u32,
+    pub height: u32,
+    /// Only "NCHW" is supported.
+    pub layout: String,
+    /// Only "RGB" is supported.
+    pub color: String,
+    /// Applied to [0,1] pixels: (x − mean) / std, per channel.
+    pub mean: [f32; 3],
+    pub std: [f32; 3],
+    pub resize: ResizePolicy,
+    /// For `shorter_side_center_crop`: the crop covers this fraction of the resized shorter side.
+    #[serde(default = "one")]
+    pub crop_fraction: f32,
+    pub interpolation: Interpolation,
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResizePolicy {
+    /// Resize the shorter side to size / crop_fraction, then take the centred size × size crop.
+    ShorterSideCenterCrop,
+    /// Resize to exactly size × size, ignoring the aspect ratio.
+    Stretch,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Interpolation {
+    Nearest,
+    Bilinear,
+    Bicubic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSpec {
+    pub name: String,
+    /// "logits" (softmax applied by the server) or "probabilities".
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Accuracy {
+    pub dataset: String,
+    pub images: usize,
+    pub top1: f64,
+    pub top5: f64,
+    pub measured_with: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CardError {
+    #[error("model card {path}: {message}")]
+    Read { path: PathBuf, message: String },
+    #[error("model card {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+impl ModelCard {
+    pub fn card_path(models_dir: &Path, name: &str) -> PathBuf {
+        models_dir.join(format!("{name}.toml"))
+    }
+
+    /// Reads and checks `models_dir/<name>.toml`.
+    pub fn load(models_dir: &Path, name: &str) -> Result<Self, CardError> {
+        let path = Self::card_path(models_dir, name);
+        let text = std::fs::read_to_string(&path)
+            .map_err(|e| CardError::Read { path: path.clone(), message: e.to_string() })?;
+        let card: ModelCard =
+            toml::from_str(&text).map_err(|e| CardError::Read { path: path.clone(), message: e.to_string() })?;
+        card.check().map_err(|message| CardError::Invalid { path, message })?;
+        Ok(card)
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let input = &self.input;
+        if input.layout != "NCHW" {
+            return Err(format!("input.layout {:?} is not supported (only NCHW)", input.layout));
+        }
+        if input.color != "RGB" {
+            return Err(format!("input.color {:?} is not supported (only RGB)", input.color));
+        }
+        if !(1..=4096).contains(&input.width) || !(1..=4096).contains(&input.height) {
+            return Err("input.width and input.height must be between 1 and 4096".into());
+        }
+        if input.std.iter().any(|s| !s.is_finite() || *s <= 0.0) || input.mean.iter().any(|m| !m.is_finite()) {
+            return Err("input.std must be positive and input.mean finite".into());
+        }
+        if !(0.05..=1.0).contains(&input.crop_fraction) {
+            return Err("input.crop_fraction must be in [0.05, 1]".into());
+        }
+        if !matches!(self.output.kind.as_str(), "logits" | "probabilities") {
+            return Err(format!("output.kind {:?} must be logits or probabilities", self.output.kind));
+        }
+        if self.num_classes == 0 {
+            return Err("num_classes must be positive".into());
+        }
+        Ok(())
+    }
+
+    /// Floats in one model input row: 3 × height × width.
+    pub fn row_len(&self) -> usize {
+        3 * self.input.width as usize * self.input.height as usize
+    }
+}

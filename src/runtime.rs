@@ -1,0 +1,126 @@
+//! Finding and loading the ONNX Runtime shared library.
+//!
+//! `ort` is built with `load-dynamic`: nothing is downloaded at build time, and the
+//! library comes from the pinned PyPI wheel `onnxruntime==1.31.1` that `make setup`
+//! installs into `.venv`. ONNX Runtime allows one environment per process, so it is
+//! created once here and shared by every session.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+
+use ort::environment::{Environment, GlobalThreadPoolOptions};
+
+use crate::config::RuntimeConfig;
+
+/// The wheel's file name; it ships no unversioned `libonnxruntime.so` symlink.
+pub const ORT_LIBRARY_FILE: &str = "libonnxruntime.so.1.31.1";
+
+static ENVIRONMENT: OnceLock<Environment> = OnceLock::new();
+static INIT_LOCK: Mutex<()> = Mutex::new(());
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(
+        "ONNX Runtime library not found: set ORT_DYLIB_PATH to {ORT_LIBRARY_FILE} or run `make setup` \
+         (installs onnxruntime==1.31.1 into .venv); looked in: {}",
+        .0.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NotFound(Vec<PathBuf>),
+    #[error("cannot load ONNX Runtime from {path}: {message}")]
+    Load { path: PathBuf, message: String },
+    #[error("cannot create the ONNX Runtime environment: {0}")]
+    Environment(String),
+}
+
+/// Where the library is looked for, in order: the config, `ORT_DYLIB_PATH`, then the
+/// `.venv` of the current directory and of the folders above the executable (so
+/// `target/release/pandaguard` finds the project's `.venv` from anywhere).
+pub fn locate_library(config: &RuntimeConfig) -> Result<PathBuf, RuntimeError> {
+    if let Some(path) = &config.ort_dylib_path {
+        return existing(path).ok_or_else(|| RuntimeError::NotFound(vec![path.clone()]));
+    }
+    if let Some(path) = std::env::var_os("ORT_DYLIB_PATH").filter(|p| !p.is_empty()) {
+        let path = PathBuf::from(path);
+        return existing(&path).ok_or_else(|| RuntimeError::NotFound(vec![path]));
+    }
+    let mut roots = Vec::new();
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.push(cwd);
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().skip(1).take(4).map(Path::to_path_buf));
+    }
+    let mut looked = Vec::new();
+    for root in roots {
+        let lib_dir = root.join(".venv").join("lib");
+        looked.push(lib_dir.clone());
+        if let Some(found) = find_in_venv_lib(&lib_dir) {
+            return Ok(found);
+        }
+    }
+    Err(RuntimeError::NotFound(looked))
+}
+
+fn existing(path: &Path) -> Option<PathBuf> {
+    path.is_file().then(|| path.to_path_buf())
+}
+
+/// `.venv/lib/python3.X/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1`
+fn find_in_venv_lib(lib_dir: &Path) -> Option<PathBuf> {
+    let entries = std::fs::read_dir(lib_dir).ok()?;
+    entries.flatten().find_map(|entry| {
+        let candidate = entry.path().join("site-packages/onnxruntime/capi").join(ORT_LIBRARY_FILE);
+        existing(&candidate)
+    })
+}
+
+/// The process-wide environment, created on first use with a global intra-op thread
+/// pool that all sessions share (several models on few cores must not each spawn a
+/// full pool and oversubscribe the CPU).
+pub fn environment(config: &RuntimeConfig) -> Result<&'static Environment, RuntimeError> {
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let _guard = INIT_LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(env) = ENVIRONMENT.get() {
+        return Ok(env);
+    }
+    let path = locate_library(config)?;
+    let builder =
+        ort::init_from(&path).map_err(|e| RuntimeError::Load { path: path.clone(), message: e.to_string() })?;
+    let threads = intra_op_threads(config);
+    let pool = GlobalThreadPoolOptions::default()
+        .with_intra_threads(threads)
+        .and_then(|p| p.with_inter_threads(config.inter_op_threads.max(1)))
+        .and_then(|p| p.with_spin_control(config.spin))
+        .map_err(|e| RuntimeError::Environment(e.to_string()))?;
+    let env = builder
+        .with_name("pandaguard")
+        .with_telemetry(false)
+        .with_global_thread_pool(pool)
+        .build()
+        .map_err(|e| RuntimeError::Environment(e.to_string()))?;
+    tracing::info!(library = %path.display(), intra_op_threads = threads, "ONNX Runtime loaded");
+    Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+pub fn intra_op_threads(config: &RuntimeConfig) -> usize {
+    if config.intra_op_threads > 0 {
+        config.intra_op_threads
+    } else {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_configured_path_that_does_not_exist_is_reported_with_the_fix() {
+        let config = RuntimeConfig { ort_dylib_path: Some("/nonexistent/libort.so".into()), ..Default::default() };
+        let message = locate_library(&config).unwrap_err().to_string();
+        assert!(message.contains("ORT_DYLIB_PATH") && message.contains("make setup"), "{message}");
+        assert!(message.contains("/nonexistent/libort.so"), "{message}");
+    }
+}
