@@ -1,0 +1,61 @@
+# pandaguard — two commands on a fresh machine (Rust toolchain + Python 3.11):
+#   make run    install what is missing, build in release mode, serve on 0.0.0.0:8080
+#   make test   the same setup, then the whole test suite
+# Everything fetched is pinned and lives inside this folder (.venv/, models/*.onnx,
+# testdata/); a second run re-uses it.
+
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+VENV_PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+MODEL_FILES := models/efficientnet-lite0.onnx models/efficientnet-lite1.onnx models/efficientnet-lite2.onnx
+SAMPLES := testdata/imagenet/labels.csv
+BINARY := target/release/pandaguard
+CARGO ?= cargo
+
+.PHONY: setup models build run test bench lint fmt clean
+
+setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES)
+
+# Python side: ONNX Runtime (the library the binary loads), the converter's numpy+onnx,
+# the model weights and the sample photos. --no-deps: every package is pinned in
+# requirements.txt, nothing unpinned gets resolved.
+$(VENV_STAMP): requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
+	test -x $(VENV_PY) || $(PYTHON) -m venv $(VENV)
+	$(VENV_PY) -m pip install --quiet --disable-pip-version-check --no-deps -r requirements.txt
+	touch $@
+
+# The ONNX files are rebuilt from the pinned weights; --check fails if a file's sha256
+# differs from its model card.
+$(MODEL_FILES) &: models/convert/convert.py $(VENV_STAMP)
+	$(VENV_PY) models/convert/convert.py --check
+	touch $(MODEL_FILES)
+
+models: $(MODEL_FILES)
+
+$(SAMPLES): scripts/fetch_samples.py $(VENV_STAMP)
+	$(VENV_PY) scripts/fetch_samples.py --out testdata/imagenet
+
+build:
+	$(CARGO) build --release --locked
+
+run: setup build
+	$(BINARY) serve --config config/default.toml
+
+test: setup
+	$(CARGO) test --release --locked
+
+bench: setup
+	$(CARGO) bench --locked --bench throughput
+
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+clean:
+	rm -rf target $(VENV) $(MODEL_FILES) testdata

@@ -1,0 +1,359 @@
+//! The HTTP API over real TCP, against the real ONNX Runtime and the converted models:
+//! every endpoint and every documented error status.
+
+mod common;
+
+use std::sync::LazyLock;
+use std::time::{Duration, Instant};
+
+use common::{TestServer, read, samples, test_config};
+use pandaguard::api::{ClassifyResponse, ErrorResponse, ModelsResponse};
+use reqwest::StatusCode;
+use serde_json::Value;
+
+const MAX_BODY: usize = 1024 * 1024;
+
+/// Lite0 (default) and Lite1, 1 MiB body limit.
+static SERVER: LazyLock<TestServer> = LazyLock::new(|| {
+    let mut config = test_config(&["efficientnet-lite0", "efficientnet-lite1"]);
+    config.server.max_body_bytes = MAX_BODY;
+    TestServer::start(config)
+});
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
+}
+
+/// A photo lite0 classifies correctly, with its class.
+fn thatch() -> (Vec<u8>, usize) {
+    let (path, class) = samples().into_iter().find(|(p, _)| p.ends_with("imagenet_05_853.jpg")).unwrap();
+    (read(&path), class)
+}
+
+async fn post(url: &str, content_type: Option<&str>, body: Vec<u8>) -> reqwest::Response {
+    let mut request = client().post(url).body(body);
+    if let Some(content_type) = content_type {
+        request = request.header("content-type", content_type);
+    }
+    request.send().await.unwrap()
+}
+
+async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) -> ErrorResponse {
+    assert_eq!(response.status(), status);
+    assert_eq!(response.headers()["content-type"], "application/json");
+    let body: ErrorResponse = response.json().await.unwrap();
+    assert_eq!(body.error.code, code, "{}", body.error.message);
+    assert!(!body.error.message.is_empty());
+    body
+}
+
+#[tokio::test]
+async fn raw_body_is_classified_with_ranked_probabilities_and_timings() {
+    let (image, class) = thatch();
+    let response = client()
+        .post(SERVER.url("/classify"))
+        .header("content-type", "image/jpeg")
+        .header("x-request-id", "test-request-42")
+        .body(image)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-request-id"], "test-request-42");
+    assert!(response.headers()["server-timing"].to_str().unwrap().contains("inference;dur="));
+    let answer: ClassifyResponse = response.json().await.unwrap();
+    assert_eq!(answer.request_id, "test-request-42");
+    assert_eq!(answer.model, "efficientnet-lite0");
+    assert_eq!(answer.raw.class_id, class);
+    assert_eq!(answer.raw.label, "thatch");
+    assert_eq!(answer.raw.top_k.len(), 5);
+    assert_eq!(answer.raw.top_k[0].class_id, class);
+    assert_eq!(answer.raw.confidence, answer.raw.top_k[0].probability);
+    assert!(answer.raw.top_k.windows(2).all(|w| w[0].probability >= w[1].probability));
+    let listed: f32 = answer.raw.top_k.iter().map(|c| c.probability).sum();
+    assert!(listed > 0.0 && listed <= 1.0 + 1e-5);
+    let t = &answer.timing_ms;
+    assert!(t.decode > 0.0 && t.preprocess > 0.0 && t.inference > 0.0);
+    assert!(t.total >= t.decode + t.preprocess + t.inference);
+}
+
+#[tokio::test]
+async fn multipart_curl_default_and_missing_content_types_give_the_same_answer() {
+    let (image, class) = thatch();
+    let form = reqwest::multipart::Form::new()
+        .text("note", "ignored")
+        .part("image", reqwest::multipart::Part::bytes(image.clone()).file_name("thatch.jpg"));
+    let multipart = client().post(SERVER.url("/classify")).multipart(form).send().await.unwrap();
+    assert_eq!(multipart.status(), StatusCode::OK);
+    let multipart: ClassifyResponse = multipart.json().await.unwrap();
+    // `curl --data-binary @file` sends application/x-www-form-urlencoded.
+    for content_type in [Some("application/x-www-form-urlencoded"), Some("application/octet-stream"), None] {
+        let response = post(&SERVER.url("/classify"), content_type, image.clone()).await;
+        assert_eq!(response.status(), StatusCode::OK, "{content_type:?}");
+        let answer: ClassifyResponse = response.json().await.unwrap();
+        assert_eq!(answer.raw.class_id, class);
+        assert!((answer.raw.confidence - multipart.raw.confidence).abs() < 1e-6);
+    }
+}
+
+#[tokio::test]
+async fn model_and_top_k_parameters_are_honoured() {
+    let (image, class) = thatch();
+    let url = SERVER.url("/classify?model=efficientnet-lite1&top_k=3");
+    let answer: ClassifyResponse = post(&url, Some("image/jpeg"), image).await.json().await.unwrap();
+    assert_eq!(answer.model, "efficientnet-lite1");
+    assert_eq!(answer.raw.top_k.len(), 3);
+    assert_eq!(answer.raw.class_id, class);
+}
+
+#[tokio::test]
+async fn bad_requests_get_json_errors_with_the_documented_status() {
+    let (image, _) = thatch();
+    let url = SERVER.url("/classify");
+    expect_error(
+        post(&url, Some("image/png"), b"not an image at all".to_vec()).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_image",
+    )
+    .await;
+    expect_error(post(&url, Some("image/jpeg"), Vec::new()).await, StatusCode::BAD_REQUEST, "invalid_image").await;
+    expect_error(
+        post(&url, Some("image/jpeg"), image[..image.len() / 3].to_vec()).await,
+        StatusCode::BAD_REQUEST,
+        "invalid_image",
+    )
+    .await;
+    let form = reqwest::multipart::Form::new().text("picture", "no image field here");
+    let response = client().post(&url).multipart(form).send().await.unwrap();
+    expect_error(response, StatusCode::BAD_REQUEST, "bad_request").await;
+
+    expect_error(
+        post(&url, Some("text/plain"), image.clone()).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    expect_error(
+        post(&url, Some("application/json"), b"{}".to_vec()).await,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+
+    for query in ["top_k=0", "top_k=21", "top_k=many", "model=resnet50", "colour=blue", "top_k=2&top_k=3"] {
+        let response = post(&SERVER.url(&format!("/classify?{query}")), Some("image/jpeg"), image.clone()).await;
+        expect_error(response, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    }
+
+    let response = client().get(SERVER.url("/classify")).send().await.unwrap();
+    expect_error(response, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    let response = client().get(SERVER.url("/nowhere")).send().await.unwrap();
+    expect_error(response, StatusCode::NOT_FOUND, "not_found").await;
+}
+
+#[tokio::test]
+async fn oversized_bodies_and_images_are_refused_with_413() {
+    // A declared oversize body is refused before a byte of it is read.
+    let head = format!(
+        "POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\r\n",
+        MAX_BODY + 1
+    );
+    let (status, body) = raw_exchange(&head, b"");
+    assert_eq!(status, 413, "{body}");
+    assert!(body.contains("body_too_large"), "{body}");
+    // So is a multipart one.
+    let head = format!(
+        "POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: multipart/form-data; boundary=x\r\nContent-Length: {}\r\n\r\n",
+        2 * MAX_BODY
+    );
+    assert_eq!(raw_exchange(&head, b"").0, 413);
+    // A chunked body is cut off as soon as it passes the limit.
+    let head = "POST /classify HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let size = MAX_BODY + 100;
+    let mut chunk = format!("{size:x}\r\n").into_bytes();
+    chunk.extend(vec![0u8; size]);
+    chunk.extend(b"\r\n");
+    let (status, body) = raw_exchange(head, &chunk);
+    assert_eq!(status, 413, "{body}");
+
+    // 57 bytes of PNG claiming 60000×60000 pixels: refused from the header, at once.
+    let started = Instant::now();
+    let response = post(&SERVER.url("/classify"), Some("image/png"), png_header_only(60_000, 60_000)).await;
+    expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "image_too_large").await;
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+/// Sends `head` and `body` on a fresh connection and reads the answer: (status, body).
+fn raw_exchange(head: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(SERVER.addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    stream.write_all(head.as_bytes()).unwrap();
+    let _ = stream.write_all(body);
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    // Read until the JSON body has arrived (the server may close or keep the connection).
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if text.contains("\r\n\r\n{") && text.trim_end().ends_with('}') {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    (status, text)
+}
+
+#[tokio::test]
+async fn concurrent_requests_each_get_their_own_answer() {
+    let photos = samples();
+    let client = client();
+    let mut alone = Vec::new();
+    for (path, _) in &photos {
+        let answer: ClassifyResponse =
+            client.post(SERVER.url("/classify")).body(read(path)).send().await.unwrap().json().await.unwrap();
+        alone.push(answer.raw.class_id);
+    }
+    let mut tasks = Vec::new();
+    for round in 0..3 {
+        for (index, (path, _)) in photos.iter().enumerate() {
+            let client = client.clone();
+            let url = SERVER.url("/classify");
+            let body = read(path);
+            tasks.push(tokio::spawn(async move {
+                let id = format!("r{round}-{index}");
+                let response = client.post(url).header("x-request-id", &id).body(body).send().await.unwrap();
+                assert_eq!(response.status(), StatusCode::OK);
+                let answer: ClassifyResponse = response.json().await.unwrap();
+                assert_eq!(answer.request_id, id);
+                (index, answer.raw.class_id)
+            }));
+        }
+    }
+    for task in tasks {
+        let (index, class_id) = task.await.unwrap();
+        assert_eq!(class_id, alone[index], "photo {index} answered differently under concurrency");
+    }
+}
+
+#[tokio::test]
+async fn models_health_metrics_and_openapi_endpoints() {
+    let client = client();
+    let models: ModelsResponse = client.get(SERVER.url("/models")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(models.default, "efficientnet-lite0");
+    let names: Vec<&str> = models.models.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(names, ["efficientnet-lite0", "efficientnet-lite1"]);
+    assert_eq!(models.models[1].card.input.width, 240);
+    assert_eq!(models.models[0].card.license, "Apache-2.0");
+
+    let live = client.get(SERVER.url("/health/live")).send().await.unwrap();
+    assert_eq!(live.status(), StatusCode::OK);
+    let ready = client.get(SERVER.url("/health/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    // Make sure at least one classification has been recorded.
+    let (image, _) = thatch();
+    assert_eq!(post(&SERVER.url("/classify"), None, image).await.status(), StatusCode::OK);
+    let metrics = client.get(SERVER.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for name in [
+        "pandaguard_http_requests_total{route=\"/classify\",status=\"200\"}",
+        "pandaguard_http_request_seconds_bucket",
+        "pandaguard_stage_seconds_bucket{stage=\"decode\"",
+        "pandaguard_stage_seconds_bucket{stage=\"queue\"",
+        "pandaguard_batch_rows_bucket{model=\"efficientnet-lite0\"",
+        "pandaguard_inference_seconds_bucket{model=\"efficientnet-lite0\"",
+        "pandaguard_queue_rows{model=\"efficientnet-lite0\"}",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in /metrics");
+    }
+
+    let spec: Value = client.get(SERVER.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let responses = &spec["paths"]["/classify"]["post"]["responses"];
+    for status in ["200", "400", "413", "415", "422", "503", "504"] {
+        assert!(responses.get(status).is_some(), "/openapi.json lacks {status} for /classify");
+    }
+    assert!(spec["paths"]["/health/ready"]["get"]["responses"].get("503").is_some());
+    assert!(spec["components"]["schemas"].get("ClassifyResponse").is_some());
+}
+
+/// A replica whose batcher holds rows for 3 s with room for 2 rows: the third
+/// request is refused at once with 503 + Retry-After, the first two hit their
+/// 500 ms deadline with 504.
+#[tokio::test]
+async fn a_full_queue_answers_503_at_once_and_a_late_request_504() {
+    let mut config = test_config(&["efficientnet-lite0"]);
+    config.engine.max_wait_ms = 3000;
+    config.engine.queue_capacity_rows = 2;
+    config.engine.max_rows_per_request = 1;
+    config.server.request_timeout_ms = 500;
+    let server = TestServer::start(config);
+    let (image, _) = thatch();
+    let url = server.url("/classify");
+    let waiting: Vec<_> = (0..2).map(|_| tokio::spawn(post_owned(url.clone(), image.clone()))).collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let started = Instant::now();
+    let refused = post(&url, Some("image/jpeg"), image.clone()).await;
+    assert!(started.elapsed() < Duration::from_millis(250), "503 took {:?}", started.elapsed());
+    assert_eq!(refused.headers()["retry-after"], "1");
+    expect_error(refused, StatusCode::SERVICE_UNAVAILABLE, "overloaded").await;
+
+    for task in waiting {
+        let response = task.await.unwrap();
+        expect_error(response, StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded").await;
+    }
+}
+
+async fn post_owned(url: String, body: Vec<u8>) -> reqwest::Response {
+    post(&url, Some("image/jpeg"), body).await
+}
+
+/// Before the models are loaded the replica is alive, not ready, and refuses work with 503.
+#[tokio::test]
+async fn before_models_load_the_replica_is_live_but_not_ready() {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    let state = pandaguard::http::AppState::new(
+        std::sync::Arc::new(test_config(&["efficientnet-lite0"])),
+        pandaguard::telemetry::metrics_handle(),
+    );
+    let app = pandaguard::http::router(state);
+    let get = |path: &str| Request::get(path).body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(get("/health/live")).await.unwrap().status(), StatusCode::OK);
+    let ready = app.clone().oneshot(get("/health/ready")).await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let classify = app.clone().oneshot(Request::post("/classify").body(Body::from("x")).unwrap()).await.unwrap();
+    assert_eq!(classify.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(classify.headers().contains_key("retry-after"));
+    assert_eq!(app.oneshot(get("/models")).await.unwrap().status(), StatusCode::SERVICE_UNAVAILABLE);
+}
+
+/// PNG signature + IHDR chunk only.
+fn png_header_only(width: u32, height: u32) -> Vec<u8> {
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(width.to_be_bytes());
+    ihdr.extend(height.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(13u32.to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc32(&ihdr).to_be_bytes());
+    png
+}
+
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut crc = 0xFFFF_FFFFu32;
+    for &byte in bytes {
+        crc ^= u32::from(byte);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+        }
+    }
+    !crc
+}
