@@ -111,7 +111,7 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
                 i += 2 + len;
                 if marker == 0xDA {
                     // Skip the entropy-coded data up to the next real marker.
-                    while i + 1 < bytes.len() && !(bytes[i] == 0xFF && !matches!(bytes[i + 1], 0x00 | 0xD0..=0xD7)) {
+                    while i + 1 < bytes.len() && !is_marker(bytes[i], bytes[i + 1]) {
                         i += 1;
                     }
                 }
@@ -119,6 +119,11 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
         }
     }
     false
+}
+
+/// 0xFF followed by anything but a stuffed zero or a restart marker.
+fn is_marker(first: u8, second: u8) -> bool {
+    first == 0xFF && !matches!(second, 0x00 | 0xD0..=0xD7)
 }
 
 fn decode_error(format: ImageFormat, error: ImageError) -> ApiError {
