@@ -52,8 +52,9 @@ pub struct RuntimeConfig {
     /// Threads of the process-wide ONNX Runtime intra-op pool; 0 = available cores.
     pub intra_op_threads: usize,
     pub inter_op_threads: usize,
-    /// Let idle ORT threads spin. Off by default: on small machines spinning threads
-    /// steal the cores that decoding and the HTTP layer need.
+    /// Let idle ORT threads spin briefly before sleeping (ONNX Runtime's own default).
+    /// Measured here: without it batch-1 inference is ~25% slower. Turn it off when
+    /// the cores are shared with other busy processes.
     pub spin: bool,
 }
 
@@ -62,7 +63,8 @@ pub struct RuntimeConfig {
 pub struct EngineConfig {
     /// Most rows (model inputs) in one `Session::run`.
     pub max_batch_rows: usize,
-    /// How long a batch waits for more rows after its oldest row arrived.
+    /// How long a batch may wait for more rows after its oldest row arrived. With 0,
+    /// rows that queue while a batch runs form the next batch (no added latency).
     pub max_wait_ms: u64,
     /// Rows admitted and not yet run, per model. Past this, requests get 503 at once.
     pub queue_capacity_rows: usize,
@@ -121,13 +123,13 @@ impl Default for ServerConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { ort_dylib_path: None, intra_op_threads: 0, inter_op_threads: 1, spin: false }
+        Self { ort_dylib_path: None, intra_op_threads: 0, inter_op_threads: 1, spin: true }
     }
 }
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_rows: 32, max_wait_ms: 2, queue_capacity_rows: 512, max_rows_per_request: 256, warmup: true }
+        Self { max_batch_rows: 32, max_wait_ms: 0, queue_capacity_rows: 512, max_rows_per_request: 256, warmup: true }
     }
 }
 

@@ -28,7 +28,7 @@ impl OnnxRunner {
         output_len: usize,
     ) -> Result<Self, String> {
         let session = Session::builder(environment)
-            .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::Level3).map_err(Into::into))
+            .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::All).map_err(Into::into))
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
         let Some(input) = session.inputs().first() else {
