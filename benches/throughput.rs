@@ -15,7 +15,7 @@ use pandaguard::model::ModelRegistry;
 use pandaguard::runtime;
 
 const MODEL: &str = "efficientnet-lite0";
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
