@@ -33,7 +33,10 @@ fn main() {
     let jpegs = sample_jpegs(&root, spec.width, 32);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
 
-    println!("model {MODEL}, {threads} ORT threads, {}x{} JPEG inputs (quality 90), {ROUNDS} alternating rounds", spec.width, spec.height);
+    println!(
+        "model {MODEL}, {threads} ORT threads, {}x{} JPEG inputs (quality 90), {ROUNDS} alternating rounds",
+        spec.width, spec.height
+    );
     println!(
         "{:>5} {:>11} {:>8} {:>7} {:>9} {:>13} {:>9} {:>13} {:>7}",
         "batch", "latency ms", "decode", "prep", "infer", "pipelined ms", "images/s", "python infer", "ratio"
@@ -107,7 +110,9 @@ fn main() {
         );
     }
     println!("latency: decode + preprocess + inference of one batch, one after the other (medians)");
-    println!("ratio = pipelined Rust ms per batch (decode + preprocess + inference) / Python onnxruntime inference alone");
+    println!(
+        "ratio = pipelined Rust ms per batch (decode + preprocess + inference) / Python onnxruntime inference alone"
+    );
     println!("        (same model, threads and batch; target at batch 32: <= 1.10)");
     registry.close();
 }
