@@ -5,4 +5,4 @@ mod decode;
 mod preprocess;
 
 pub use decode::{DecodeLimits, decode};
-pub use preprocess::{ModelImage, fit_to_input, resize_region};
+pub use preprocess::{ModelImage, Region, fit_to_input, resize_region};

@@ -1,0 +1,229 @@
+//! Which defenses run and with what parameters: presets from the config, overridden
+//! per request within the config's limits.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum DefenseKind {
+    Smooth,
+    Blur,
+    Saccade,
+    Ensemble,
+}
+
+impl DefenseKind {
+    pub const ALL: [DefenseKind; 4] =
+        [DefenseKind::Smooth, DefenseKind::Blur, DefenseKind::Saccade, DefenseKind::Ensemble];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DefenseKind::Smooth => "smooth",
+            DefenseKind::Blur => "blur",
+            DefenseKind::Saccade => "saccade",
+            DefenseKind::Ensemble => "ensemble",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+/// Everything a defended request needs to know. Presets in the config are complete
+/// `DefenseSettings`; a request starts from one and overrides single fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefenseSettings {
+    /// Defenses to run, in the order they are reported.
+    pub defenses: Vec<DefenseKind>,
+    /// smooth: noise standard deviation in [0,1] pixel units.
+    pub sigma: f32,
+    /// smooth: most noisy samples for PREDICT, and CERTIFY's estimation samples n.
+    pub samples: u32,
+    /// smooth: error level of PREDICT's test and CERTIFY's bound.
+    pub alpha: f64,
+    /// smooth: also run CERTIFY.
+    pub certify: bool,
+    /// smooth: CERTIFY's selection samples n0.
+    pub selection_samples: u32,
+    /// smooth: Gaussian blur (pixels) after the noise ("denoised smoothing"); 0 = off.
+    pub denoise_sigma: f32,
+    /// saccade: number of fixations.
+    pub fixations: u32,
+    /// saccade: crop side as fractions of the image's shorter side.
+    pub scales: Vec<f64>,
+    /// blur: Gaussian blur sigma in pixels (also the saccade periphery's blur).
+    pub blur_sigma: f32,
+    /// blur: median filter radius (1 = 3×3).
+    pub median_radius: u32,
+    /// ensemble: models to combine (empty = every loaded model).
+    pub models: Vec<String>,
+    /// ensemble: noisy views (the smoothing noise, `sigma`) each member classifies
+    /// besides its plain view: sampling the image space and the classifier space.
+    pub ensemble_samples: u32,
+}
+
+impl Default for DefenseSettings {
+    fn default() -> Self {
+        Self {
+            defenses: Vec::new(),
+            sigma: 0.05,
+            samples: 32,
+            alpha: 0.001,
+            certify: false,
+            selection_samples: 16,
+            denoise_sigma: 0.0,
+            fixations: 3,
+            scales: vec![0.6],
+            blur_sigma: 1.0,
+            median_radius: 1,
+            models: Vec::new(),
+            ensemble_samples: 8,
+        }
+    }
+}
+
+/// Bounds on what a request may ask for; out-of-range values get 422.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefenseLimits {
+    pub max_sigma: f32,
+    pub max_samples: u32,
+    pub min_alpha: f64,
+    pub max_alpha: f64,
+    pub max_fixations: u32,
+    pub max_blur_sigma: f32,
+}
+
+impl Default for DefenseLimits {
+    fn default() -> Self {
+        Self {
+            max_sigma: 1.0,
+            max_samples: 256,
+            min_alpha: 1e-6,
+            max_alpha: 0.5,
+            max_fixations: 8,
+            max_blur_sigma: 8.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DefenseConfig {
+    /// Preset applied when a request names none.
+    pub default_preset: String,
+    /// `suspicious` when the L1 distance between the raw and defended probability
+    /// vectors exceeds this (set on clean images for a 5% false-positive rate).
+    pub squeeze_threshold: f32,
+    pub limits: DefenseLimits,
+    pub presets: BTreeMap<String, DefenseSettings>,
+}
+
+impl Default for DefenseConfig {
+    /// The shipped presets (also written out in config/default.toml, with the
+    /// measurements that chose them).
+    fn default() -> Self {
+        use DefenseKind::*;
+        let base = DefenseSettings::default();
+        let presets = BTreeMap::from([
+            ("none".to_string(), DefenseSettings { defenses: vec![], ..base.clone() }),
+            ("fast".to_string(), DefenseSettings { defenses: vec![Ensemble], ensemble_samples: 0, ..base.clone() }),
+            ("default".to_string(), DefenseSettings { defenses: vec![Ensemble], ensemble_samples: 16, ..base.clone() }),
+            (
+                "strong".to_string(),
+                DefenseSettings { defenses: vec![Smooth, Ensemble], samples: 128, ensemble_samples: 32, ..base },
+            ),
+        ]);
+        Self { default_preset: "default".into(), squeeze_threshold: 0.97, limits: DefenseLimits::default(), presets }
+    }
+}
+
+impl DefenseConfig {
+    /// Problems with the presets and limits, for start-up validation.
+    pub fn problems(&self, loaded_models: &[String]) -> Vec<String> {
+        let mut problems = Vec::new();
+        if !self.presets.contains_key(&self.default_preset) {
+            problems.push(format!("defense.default_preset {:?} is not a preset", self.default_preset));
+        }
+        if !(0.0..=2.0).contains(&self.squeeze_threshold) {
+            problems.push("defense.squeeze_threshold must be in [0, 2]".into());
+        }
+        for (name, preset) in &self.presets {
+            if let Err(message) = self.check(preset) {
+                problems.push(format!("defense.presets.{name}: {message}"));
+            }
+            for model in &preset.models {
+                if !loaded_models.contains(model) {
+                    problems.push(format!("defense.presets.{name}: model {model:?} is not in models.load"));
+                }
+            }
+        }
+        problems
+    }
+
+    /// Checks settings against the limits; the message names the parameter.
+    pub fn check(&self, s: &DefenseSettings) -> Result<(), String> {
+        let l = &self.limits;
+        let within =
+            |ok: bool, name: &str, range: String| if ok { Ok(()) } else { Err(format!("{name} must be in {range}")) };
+        within(s.sigma > 0.0 && s.sigma <= l.max_sigma, "sigma", format!("(0, {}]", l.max_sigma))?;
+        within((1..=l.max_samples).contains(&s.samples), "samples", format!("[1, {}]", l.max_samples))?;
+        within(s.ensemble_samples <= l.max_samples, "ensemble_samples", format!("[0, {}]", l.max_samples))?;
+        within((l.min_alpha..=l.max_alpha).contains(&s.alpha), "alpha", format!("[{}, {}]", l.min_alpha, l.max_alpha))?;
+        within(
+            (1..=l.max_samples).contains(&s.selection_samples),
+            "selection_samples",
+            format!("[1, {}]", l.max_samples),
+        )?;
+        within(
+            (0.0..=l.max_blur_sigma).contains(&s.denoise_sigma),
+            "denoise_sigma",
+            format!("[0, {}]", l.max_blur_sigma),
+        )?;
+        within(s.fixations <= l.max_fixations, "fixations", format!("[0, {}]", l.max_fixations))?;
+        within(
+            s.blur_sigma > 0.0 && s.blur_sigma <= l.max_blur_sigma,
+            "blur_sigma",
+            format!("(0, {}]", l.max_blur_sigma),
+        )?;
+        within((1..=3).contains(&s.median_radius), "median_radius", "[1, 3]".into())?;
+        within(
+            !s.scales.is_empty() && s.scales.iter().all(|x| (0.1..=1.0).contains(x)),
+            "scales",
+            "[0.1, 1] (at least one)".into(),
+        )?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_presets_are_valid() {
+        let config = DefenseConfig::default();
+        assert!(config.problems(&[]).is_empty(), "{:?}", config.problems(&[]));
+        assert!(config.presets["none"].defenses.is_empty());
+    }
+
+    #[test]
+    fn out_of_range_settings_name_the_parameter() {
+        let config = DefenseConfig::default();
+        for (change, name) in [
+            (DefenseSettings { sigma: 0.0, ..Default::default() }, "sigma"),
+            (DefenseSettings { samples: 100_000, ..Default::default() }, "samples"),
+            (DefenseSettings { alpha: 0.9, ..Default::default() }, "alpha"),
+            (DefenseSettings { fixations: 99, ..Default::default() }, "fixations"),
+            (DefenseSettings { blur_sigma: 50.0, ..Default::default() }, "blur_sigma"),
+        ] {
+            let message = config.check(&change).unwrap_err();
+            assert!(message.starts_with(name), "{message}");
+        }
+    }
+}
