@@ -10,6 +10,8 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
+use crate::defense::DefenseConfig;
+
 /// Environment variables with the `PANDAGUARD_` prefix that are not configuration keys.
 const NON_CONFIG_ENV: &[&str] = &["config", "log"];
 
@@ -22,6 +24,7 @@ pub struct Config {
     pub image: ImageConfig,
     pub models: ModelsConfig,
     pub classify: ClassifyConfig,
+    pub defense: DefenseConfig,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -56,6 +59,9 @@ pub struct RuntimeConfig {
     /// Measured here: without it batch-1 inference is ~25% slower. Turn it off when
     /// the cores are shared with other busy processes.
     pub spin: bool,
+    /// `Session::run` calls in flight at once across all models (they share one
+    /// thread pool; 1 = take turns, each run gets every core).
+    pub max_concurrent_runs: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,7 +129,7 @@ impl Default for ServerConfig {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { ort_dylib_path: None, intra_op_threads: 0, inter_op_threads: 1, spin: true }
+        Self { ort_dylib_path: None, intra_op_threads: 0, inter_op_threads: 1, spin: true, max_concurrent_runs: 1 }
     }
 }
 
@@ -255,6 +261,7 @@ impl Config {
             (1..=self.classify.max_top_k).contains(&self.classify.default_top_k),
             "classify.default_top_k must be between 1 and classify.max_top_k".into(),
         );
+        problems.extend(self.defense.problems(&self.models.load));
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 

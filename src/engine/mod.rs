@@ -42,6 +42,45 @@ pub struct EngineOptions {
     pub max_rows_per_request: usize,
     /// Run one full batch (and one single row) before `start` returns.
     pub warmup: bool,
+    /// Shared by every engine of the process: how many `Session::run` may be in
+    /// flight at once.
+    pub gate: Arc<RunGate>,
+}
+
+/// A counting gate over `Session::run` across all models. All sessions share one
+/// intra-op thread pool sized to the cores; two runs at once would each bring their
+/// calling thread on top of the pool and oversubscribe the CPU, so by default runs
+/// take turns and each gets every core.
+#[derive(Debug)]
+pub struct RunGate {
+    free: Mutex<usize>,
+    released: Condvar,
+}
+
+impl RunGate {
+    pub fn new(permits: usize) -> Self {
+        Self { free: Mutex::new(permits.max(1)), released: Condvar::new() }
+    }
+
+    fn acquire(&self) -> RunPermit<'_> {
+        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
+        while *free == 0 {
+            free = self.released.wait(free).unwrap_or_else(|p| p.into_inner());
+        }
+        *free -= 1;
+        RunPermit { gate: self }
+    }
+}
+
+struct RunPermit<'a> {
+    gate: &'a RunGate,
+}
+
+impl Drop for RunPermit<'_> {
+    fn drop(&mut self) {
+        *self.gate.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.gate.released.notify_one();
+    }
 }
 
 /// What a request gets back: its rows' outputs in order, and where its time went.

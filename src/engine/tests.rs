@@ -40,6 +40,7 @@ fn options(max_batch_rows: usize, capacity_rows: usize) -> EngineOptions {
         capacity_rows,
         max_rows_per_request: capacity_rows,
         warmup: false,
+        gate: Arc::new(RunGate::new(1)),
     }
 }
 

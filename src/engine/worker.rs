@@ -47,6 +47,8 @@ pub(super) fn run<R: BatchRunner>(shared: &Arc<Shared>, mut runner: R) {
         if rows == 0 {
             continue;
         }
+        // Waiting for the gate counts as queue time, not inference time.
+        let permit = shared.options.gate.acquire();
         let started = Instant::now();
         for segment in &segments {
             active[segment.job].started_at.get_or_insert(started);
@@ -76,6 +78,7 @@ pub(super) fn run<R: BatchRunner>(shared: &Arc<Shared>, mut runner: R) {
                 }
             });
         let elapsed = started.elapsed();
+        drop(permit);
         metrics::histogram!("pandaguard_batch_rows", "model" => model.clone()).record(rows as f64);
         metrics::histogram!("pandaguard_inference_seconds", "model" => model.clone()).record(elapsed.as_secs_f64());
         shared.release_rows(rows);

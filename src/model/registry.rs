@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Labels, ModelCard};
 use crate::config::Config;
-use crate::engine::{Engine, EngineOptions, OnnxRunner};
+use crate::engine::{Engine, EngineOptions, OnnxRunner, RunGate};
 use crate::runtime;
 
 pub struct LoadedModel {
@@ -36,10 +36,11 @@ impl ModelRegistry {
     /// Loads just `names` (the offline CLI needs one model, not all of them).
     pub fn load_only(config: &Config, names: &[String]) -> Result<Self, String> {
         let environment = runtime::environment(&config.runtime).map_err(|e| e.to_string())?;
+        let gate = Arc::new(RunGate::new(config.runtime.max_concurrent_runs));
         let mut models = BTreeMap::new();
         for name in names {
             let started = Instant::now();
-            let model = load_model(config, environment, name)?;
+            let model = load_model(config, environment, name, Arc::clone(&gate))?;
             tracing::info!(model = %name, elapsed_ms = started.elapsed().as_millis() as u64, "model ready");
             models.insert(name.clone(), Arc::new(model));
         }
@@ -80,6 +81,7 @@ fn load_model(
     config: &Config,
     environment: &'static ort::environment::Environment,
     name: &str,
+    gate: Arc<RunGate>,
 ) -> Result<LoadedModel, String> {
     let dir = &config.models.dir;
     let card = ModelCard::load(dir, name).map_err(|e| e.to_string())?;
@@ -112,6 +114,7 @@ fn load_model(
         capacity_rows: engine_config.queue_capacity_rows,
         max_rows_per_request: engine_config.max_rows_per_request,
         warmup: engine_config.warmup,
+        gate,
     };
     let input_name = card.input.name.clone();
     let chw = [3, card.input.height as usize, card.input.width as usize];
