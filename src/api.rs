@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::defense::report::{DefendedPrediction, DefenseReport};
 use crate::model::ModelCard;
 
 /// The answer to `POST /classify`.
@@ -15,8 +16,26 @@ pub struct ClassifyResponse {
     pub model: String,
     /// The undefended prediction: the model on the plain input.
     pub raw: Prediction,
+    /// The defenses' combined prediction (equal to `raw` with `defense=none`).
+    pub defended: DefendedPrediction,
+    /// Each defense's own prediction and details, in the order they ran.
+    pub defenses: Vec<DefenseReport>,
+    /// True when raw and defended disagree (or the defenses abstain), or when
+    /// `squeeze_score` exceeds the configured threshold.
+    pub suspicious: bool,
+    /// L1 distance between the raw and defended probability vectors, 0 to 2.
+    pub squeeze_score: f32,
+    /// The defense preset used, or "custom" for a list of defenses.
+    pub preset: String,
+    /// Seed of the random views; send it back as `seed` to reproduce this answer.
+    pub seed: u64,
+    /// Model inputs run for this request, over all models and rounds.
+    pub rows: usize,
     /// Where the time went, in milliseconds.
     pub timing_ms: Timing,
+    /// Each engine submission as (model, rows), for cost measurements; not sent.
+    #[serde(skip)]
+    pub batches: Vec<(String, usize)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -40,11 +59,14 @@ pub struct ClassScore {
 pub struct Timing {
     /// Bytes to RGB pixels.
     pub decode: f64,
-    /// Resize, crop, normalize (and, with defenses, building their views).
+    /// Resize and crop to each model's input.
     pub preprocess: f64,
-    /// Waiting for a batch slot.
+    /// Building the defenses' views (noise, blur, crops).
+    pub views: f64,
+    /// Waiting for a batch slot (the raw model's, summed over rounds).
     pub queue: f64,
-    /// ONNX Runtime time of the batches this request's rows ran in.
+    /// ONNX Runtime time of the batches this request's rows ran in, summed over
+    /// models (which run concurrently) and rounds.
     pub inference: f64,
     /// Arrival to answer.
     pub total: f64,

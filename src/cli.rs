@@ -12,6 +12,7 @@ use crate::config::{CliOverrides, Config, ModelOverrides, ServerOverrides};
 use crate::model::{ModelCard, ModelRegistry, sha256_file};
 use crate::params::ClassifyParams;
 use crate::pipeline::Pipeline;
+use crate::redteam::evaluate::EvaluateOptions;
 
 const DEFAULT_CONFIG: &str = "config/default.toml";
 
@@ -41,8 +42,41 @@ enum Command {
         /// Classes to list per image.
         #[arg(long)]
         top_k: Option<usize>,
+        /// Defense preset or comma list (as the API's `defense`).
+        #[arg(long)]
+        defense: Option<String>,
+        /// Any other API parameter, e.g. `--param sigma=0.25 --param seed=7`.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
         #[arg(required = true)]
         images: Vec<PathBuf>,
+    },
+    /// Measure clean and adversarial accuracy of the raw model and defense presets
+    /// on labelled photos; writes report.json and report.md.
+    Evaluate {
+        /// Folder of labelled photos.
+        #[arg(long, default_value = "testdata/imagenet")]
+        images: PathBuf,
+        /// CSV `file,class_id` [default: IMAGES/labels.csv]
+        #[arg(long)]
+        labels: Option<PathBuf>,
+        #[arg(long, value_delimiter = ',', default_value = "default")]
+        presets: Vec<String>,
+        /// L∞ budgets, as fractions like 4/255 or decimals.
+        #[arg(long, value_delimiter = ',', default_value = "4/255,8/255")]
+        eps: Vec<String>,
+        /// Query budget per attack.
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        #[arg(long, default_value_t = 20)]
+        max_images: usize,
+        #[arg(long, default_value = "reports/evaluate")]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Also set the squeeze threshold on clean variants (5% false positives).
+        #[arg(long)]
+        calibrate: bool,
     },
     /// List the configured models and check their files.
     Models,
@@ -55,7 +89,7 @@ pub fn main() -> ExitCode {
             CliOverrides { server: bind.clone().map(|bind| ServerOverrides { bind: Some(bind) }), ..Default::default() }
         }
         Command::Classify { model: Some(model), .. } => CliOverrides {
-            models: Some(ModelOverrides { load: Some(vec![model.clone()]), default: Some(model.clone()) }),
+            models: Some(ModelOverrides { load: None, default: Some(model.clone()) }),
             ..Default::default()
         },
         _ => CliOverrides::default(),
@@ -77,7 +111,34 @@ pub fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => fail(&e.to_string()),
         },
-        Command::Classify { model, top_k, images } => runtime.block_on(classify(config, model, top_k, &images)),
+        Command::Classify { model, top_k, defense, params, images } => {
+            let mut pairs: Vec<(String, String)> = Vec::new();
+            pairs.extend(model.map(|m| ("model".to_string(), m)));
+            pairs.extend(top_k.map(|k| ("top_k".to_string(), k.to_string())));
+            pairs.extend(defense.map(|d| ("defense".to_string(), d)));
+            for param in params {
+                match param.split_once('=') {
+                    Some((key, value)) => pairs.push((key.to_string(), value.to_string())),
+                    None => return fail(&format!("--param {param:?} is not KEY=VALUE")),
+                }
+            }
+            runtime.block_on(classify(config, &pairs, &images))
+        }
+        Command::Evaluate { images, labels, presets, eps, queries, max_images, out, seed, calibrate } => {
+            let epsilons = match eps.iter().map(|e| parse_fraction(e)).collect::<Result<Vec<_>, _>>() {
+                Ok(epsilons) => epsilons,
+                Err(e) => return fail(&e),
+            };
+            let options =
+                EvaluateOptions { images, labels, presets, epsilons, queries, max_images, out, seed, calibrate };
+            match crate::redteam::evaluate::run(&runtime, config, &options) {
+                Ok(_) => {
+                    eprintln!("wrote {}/report.md and report.json", options.out.display());
+                    ExitCode::SUCCESS
+                }
+                Err(e) => fail(&e),
+            }
+        }
         Command::Models => list_models(&config),
     }
 }
@@ -87,20 +148,28 @@ fn fail(message: &str) -> ExitCode {
     ExitCode::FAILURE
 }
 
-async fn classify(config: Config, model: Option<String>, top_k: Option<usize>, images: &[PathBuf]) -> ExitCode {
-    let mut pairs: Vec<(&str, String)> = Vec::new();
-    if let Some(model) = &model {
-        pairs.push(("model", model.clone()));
-    }
-    if let Some(k) = top_k {
-        pairs.push(("top_k", k.to_string()));
-    }
-    let params = match ClassifyParams::from_pairs(pairs.iter().map(|(k, v)| (*k, v.as_str())), &config) {
+/// "4/255" or "0.0157".
+pub fn parse_fraction(text: &str) -> Result<f32, String> {
+    let value = match text.split_once('/') {
+        Some((a, b)) => a.trim().parse::<f32>().ok().zip(b.trim().parse::<f32>().ok()).map(|(a, b)| a / b),
+        None => text.trim().parse::<f32>().ok(),
+    };
+    value.filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| format!("{text:?} is not a positive number or fraction"))
+}
+
+async fn classify(config: Config, pairs: &[(String, String)], images: &[PathBuf]) -> ExitCode {
+    let params = match ClassifyParams::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())), &config) {
         Ok(params) => params,
         Err(e) => return fail(&e.to_string()),
     };
     let config = Arc::new(config);
-    let names = vec![params.model.clone().unwrap_or_else(|| config.models.default.clone())];
+    // Only the models this request needs: the raw model, plus the ensemble members.
+    let raw = params.model.clone().unwrap_or_else(|| config.models.default.clone());
+    let mut names = vec![raw];
+    if params.defense.defenses.contains(&crate::defense::DefenseKind::Ensemble) {
+        let members = if params.defense.models.is_empty() { &config.models.load } else { &params.defense.models };
+        names.extend(members.iter().filter(|m| !names.contains(m)).cloned().collect::<Vec<_>>());
+    }
     let loader_config = Arc::clone(&config);
     let registry = match tokio::task::spawn_blocking(move || ModelRegistry::load_only(&loader_config, &names)).await {
         Ok(Ok(registry)) => Arc::new(registry),

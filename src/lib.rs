@@ -10,8 +10,10 @@
 //! - [`config`], [`runtime`] (finding ONNX Runtime), [`telemetry`], [`cli`].
 
 pub mod api;
+pub mod attack;
 pub mod cli;
 pub mod config;
+pub mod defense;
 pub mod engine;
 pub mod error;
 pub mod http;
@@ -20,5 +22,7 @@ pub mod model;
 pub mod params;
 pub mod pipeline;
 pub mod prediction;
+pub mod redteam;
 pub mod runtime;
+pub mod stats;
 pub mod telemetry;

@@ -39,6 +39,15 @@ const RAW_IMAGE_TYPES: &[&str] = &[
     params(
         ("model" = Option<String>, Query, description = "Model for the prediction (default from config; see /models)"),
         ("top_k" = Option<usize>, Query, description = "Classes to list, 1 to classify.max_top_k (default 5, at most 20)"),
+        ("defense" = Option<String>, Query, description = "A preset (default, fast, strong, none) or a comma list of smooth, blur, saccade, ensemble"),
+        ("sigma" = Option<f32>, Query, description = "smooth: noise standard deviation in [0,1] pixel units"),
+        ("samples" = Option<u32>, Query, description = "smooth: most noisy samples (PREDICT stops earlier once its test settles); CERTIFY's n"),
+        ("alpha" = Option<f64>, Query, description = "smooth: error level of PREDICT's test and CERTIFY's bound"),
+        ("certify" = Option<bool>, Query, description = "smooth: also run CERTIFY and report a certified L2 radius"),
+        ("fixations" = Option<u32>, Query, description = "saccade: number of fixations"),
+        ("blur_sigma" = Option<f32>, Query, description = "blur: Gaussian sigma in pixels (also the saccade periphery)"),
+        ("models" = Option<String>, Query, description = "ensemble: comma list of models (default: all loaded)"),
+        ("seed" = Option<u64>, Query, description = "Seed of the random views; the same seed and image give the same answer"),
     ),
     request_body(description = "The image bytes, or multipart/form-data with an `image` field",
         content(
@@ -78,7 +87,8 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
         .await
         .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
 
-    let summary = RequestSummary { model: answer.model.clone(), rows: 1, suspicious: None };
+    let summary =
+        RequestSummary { model: answer.model.clone(), rows: answer.rows, suspicious: Some(answer.suspicious) };
     let server_timing = server_timing(&answer.timing_ms);
     let mut response = Json(answer).into_response();
     if let Ok(value) = HeaderValue::from_str(&server_timing) {

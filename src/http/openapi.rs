@@ -10,12 +10,21 @@ use crate::api::{
     ClassScore, ClassifyResponse, ErrorDetail, ErrorResponse, HealthResponse, ModelInfo, ModelsResponse, Prediction,
     Timing,
 };
+use crate::defense::report::{
+    BlurDetails, DefendedPrediction, DefenseDetails, DefenseReport, EnsembleDetails, FixationReport, MemberPrediction,
+    SaccadeDetails, SmoothDetails, ViewPrediction, VoteCount,
+};
+use crate::defense::smooth::CertifyReport;
 
 #[derive(OpenApi)]
 #[openapi(
     info(title = "pandaguard", description = "Image classification with the raw prediction and one defended against adversarial examples"),
     paths(super::classify::classify, super::models::list, super::health::live, super::health::ready, super::observe::metrics),
-    components(schemas(ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo, HealthResponse)),
+    components(schemas(
+        ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo,
+        HealthResponse, DefendedPrediction, DefenseReport, DefenseDetails, SmoothDetails, VoteCount, CertifyReport,
+        BlurDetails, ViewPrediction, SaccadeDetails, FixationReport, EnsembleDetails, MemberPrediction,
+    )),
     tags(
         (name = "classify", description = "Predictions"),
         (name = "models", description = "Loaded models and their cards"),

@@ -1,0 +1,5 @@
+//! The red team: attacking the raw and defended pipelines and measuring what the
+//! defenses are worth.
+
+pub mod evaluate;
+pub mod oracle;
