@@ -214,15 +214,22 @@ async fn concurrent_requests_each_get_their_own_answer() {
     let client = client();
     let mut alone = Vec::new();
     for (path, _) in &photos {
-        let answer: ClassifyResponse =
-            client.post(SERVER.url("/classify")).body(read(path)).send().await.unwrap().json().await.unwrap();
+        let answer: ClassifyResponse = client
+            .post(SERVER.url("/classify?defense=none"))
+            .body(read(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
         alone.push(answer.raw.class_id);
     }
     let mut tasks = Vec::new();
     for round in 0..3 {
         for (index, (path, _)) in photos.iter().enumerate() {
             let client = client.clone();
-            let url = SERVER.url("/classify");
+            let url = SERVER.url("/classify?defense=none");
             let body = read(path);
             tasks.push(tokio::spawn(async move {
                 let id = format!("r{round}-{index}");
