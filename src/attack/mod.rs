@@ -5,6 +5,8 @@
 
 use crate::imaging::ModelImage;
 
+pub mod eot;
+pub mod nes;
 pub mod square;
 
 /// A black-box classifier: scores for a batch of images (model-input space, [0,1]).
