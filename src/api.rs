@@ -36,6 +36,10 @@ pub struct ClassifyResponse {
     /// Each engine submission as (model, rows), for cost measurements; not sent.
     #[serde(skip)]
     pub batches: Vec<(String, usize)>,
+    /// The defended probability vector over all classes (empty when abstaining), for
+    /// in-process attacks; clients see `defended.top_k`.
+    #[serde(skip)]
+    pub defended_probabilities: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -196,7 +196,8 @@ impl Pipeline {
             reports.push(report);
         }
 
-        let (defended, squeeze, suspicious) = self.judge(&raw, &raw_probabilities, &reports, labels, params.top_k);
+        let (defended, defended_probabilities, squeeze, suspicious) =
+            self.judge(&raw, &raw_probabilities, &reports, labels, params.top_k);
         if suspicious {
             metrics::counter!("pandaguard_suspicious_total", "model" => raw_model.card.name.clone()).increment(1);
         }
@@ -222,10 +223,12 @@ impl Pipeline {
             rows: cost.rows,
             timing_ms: timing,
             batches: cost.batches,
+            defended_probabilities,
         })
     }
 
-    /// The defended answer, the squeeze score and the suspicion flag.
+    /// The defended answer with its full probability vector, the squeeze score and
+    /// the suspicion flag.
     fn judge(
         &self,
         raw: &Prediction,
@@ -233,7 +236,7 @@ impl Pipeline {
         reports: &[DefenseReport],
         labels: &crate::model::Labels,
         top_k: usize,
-    ) -> (DefendedPrediction, f32, bool) {
+    ) -> (DefendedPrediction, Vec<f32>, f32, bool) {
         if reports.is_empty() {
             let defended = DefendedPrediction {
                 class_id: Some(raw.class_id),
@@ -243,12 +246,12 @@ impl Pipeline {
                 abstained: false,
                 method: "none (raw)".into(),
             };
-            return (defended, 0.0, false);
+            return (defended, raw_probabilities.to_vec(), 0.0, false);
         }
         let (defended, probabilities) = combine(reports, labels, top_k);
         let squeeze = squeeze_score(raw_probabilities, &probabilities);
         let suspicious = defended.class_id != Some(raw.class_id) || squeeze > self.config.defense.squeeze_threshold;
-        (defended, squeeze, suspicious)
+        (defended, probabilities, squeeze, suspicious)
     }
 
     /// PREDICT's further rounds until its test settles, then CERTIFY when asked.
