@@ -13,7 +13,10 @@ use serde::{Deserialize, Serialize};
 use crate::defense::DefenseConfig;
 
 /// Environment variables with the `PANDAGUARD_` prefix that are not configuration keys.
-const NON_CONFIG_ENV: &[&str] = &["config", "log"];
+const NON_CONFIG_ENV: &[&str] = &["config", "log", "api_keys_file"];
+
+/// Names a file of API keys (one per line); overrides `server.api_keys_file`.
+pub const API_KEYS_FILE_ENV: &str = "PANDAGUARD_API_KEYS_FILE";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -45,6 +48,36 @@ pub struct ServerConfig {
     pub drain_delay_ms: u64,
     /// Then: how long in-flight requests may take to finish before the process exits.
     pub shutdown_timeout_ms: u64,
+    /// Keys accepted as `Authorization: Bearer <key>` on every route except health,
+    /// `/metrics`, `/openapi.json` and `/docs`. No keys here and no key file = no
+    /// authentication.
+    pub api_keys: Vec<ApiKey>,
+    /// A file of keys, one per line (blank lines and `#` comments ignored), added to
+    /// `api_keys`. The environment variable `PANDAGUARD_API_KEYS_FILE` overrides it.
+    /// Read at start-up: an unreadable file, or one without keys, stops the process.
+    pub api_keys_file: Option<PathBuf>,
+}
+
+/// An API key. Its `Debug` form is redacted so that printing the configuration
+/// (or an error holding it) never writes a key to a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        Self(key.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -123,8 +156,52 @@ impl Default for ServerConfig {
             log_format: "json".into(),
             drain_delay_ms: 5_000,
             shutdown_timeout_ms: 30_000,
+            api_keys: Vec::new(),
+            api_keys_file: None,
         }
     }
+}
+
+impl ServerConfig {
+    /// Every accepted API key: `api_keys` plus the lines of `api_keys_file`. An empty
+    /// list means authentication is off. Errors name the file or the key's position,
+    /// never the key itself.
+    pub fn load_api_keys(&self) -> Result<Vec<ApiKey>, String> {
+        let mut keys = Vec::new();
+        for (index, key) in self.api_keys.iter().enumerate() {
+            check_key(key.expose()).map_err(|why| format!("server.api_keys[{index}] {why}"))?;
+            keys.push(key.clone());
+        }
+        if let Some(path) = &self.api_keys_file {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("server.api_keys_file: cannot read {}: {e}", path.display()))?;
+            let mut found = 0;
+            for (number, line) in text.lines().enumerate() {
+                let line = line.trim();
+                if line.is_empty() || line.starts_with('#') {
+                    continue;
+                }
+                check_key(line).map_err(|why| format!("{} line {}: the key {why}", path.display(), number + 1))?;
+                keys.push(ApiKey::new(line));
+                found += 1;
+            }
+            if found == 0 {
+                return Err(format!("server.api_keys_file: {} holds no keys", path.display()));
+            }
+        }
+        Ok(keys)
+    }
+}
+
+/// A key must be sendable as a bearer token: visible ASCII, no spaces.
+fn check_key(key: &str) -> Result<(), &'static str> {
+    if key.is_empty() {
+        return Err("is empty");
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err("must be visible ASCII without spaces");
+    }
+    Ok(())
 }
 
 impl Default for RuntimeConfig {
@@ -214,8 +291,12 @@ impl Config {
         let config: Config = figment
             .merge(Env::prefixed("PANDAGUARD_").ignore(NON_CONFIG_ENV).split("__"))
             .merge(Serialized::defaults(cli))
-            .extract()
+            .extract::<Config>()
             .map_err(Box::new)?;
+        let mut config = config;
+        if let Some(path) = std::env::var_os(API_KEYS_FILE_ENV).filter(|p| !p.is_empty()) {
+            config.server.api_keys_file = Some(PathBuf::from(path));
+        }
         config.validate()?;
         Ok(config)
     }
@@ -237,6 +318,8 @@ impl Config {
             format!("server.log_format = {:?} must be json or text", self.server.log_format),
         );
         check(self.server.request_timeout_ms > 0, "server.request_timeout_ms must be positive".into());
+        let keys = self.server.load_api_keys();
+        check(keys.is_ok(), keys.err().unwrap_or_default());
         let engine = &self.engine;
         check(engine.max_batch_rows >= 1, "engine.max_batch_rows must be at least 1".into());
         check(engine.max_rows_per_request >= 1, "engine.max_rows_per_request must be at least 1".into());
@@ -283,8 +366,12 @@ mod tests {
 
     #[test]
     fn shipped_default_file_parses_and_validates() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
-        Config::load(Some(&path), &CliOverrides::default()).unwrap();
+        // Inside a jail: other tests set PANDAGUARD_* variables that Config::load reads.
+        figment::Jail::expect_with(|_| {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/default.toml");
+            Config::load(Some(&path), &CliOverrides::default()).map_err(|e| e.to_string())?;
+            Ok(())
+        });
     }
 
     #[test]
@@ -310,6 +397,50 @@ mod tests {
             assert_eq!(config.server.bind, "127.0.0.1:9");
             Ok(())
         });
+    }
+
+    #[test]
+    fn api_keys_come_from_the_config_and_a_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("keys.txt", "# service keys\n\n  first-key  \nsecond-key\n# retired: old-key\n")?;
+            jail.create_file("c.toml", "[server]\napi_keys = [\"inline-key\"]\napi_keys_file = \"keys.txt\"\n")?;
+            let config =
+                Config::load(Some(Path::new("c.toml")), &CliOverrides::default()).map_err(|e| e.to_string())?;
+            let keys = config.server.load_api_keys().map_err(|e| e.to_string())?;
+            let keys: Vec<&str> = keys.iter().map(ApiKey::expose).collect();
+            assert_eq!(keys, ["inline-key", "first-key", "second-key"]);
+            assert!(!format!("{config:?}").contains("inline-key"), "Debug must redact keys");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_environment_variable_names_the_key_file() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file("env-keys.txt", "from-env\n")?;
+            jail.set_env(API_KEYS_FILE_ENV, "env-keys.txt");
+            let config = Config::load(None, &CliOverrides::default()).map_err(|e| e.to_string())?;
+            assert_eq!(config.server.api_keys_file.as_deref(), Some(Path::new("env-keys.txt")));
+            let keys = config.server.load_api_keys().map_err(|e| e.to_string())?;
+            assert_eq!(keys, [ApiKey::new("from-env")]);
+            // An unreadable or empty key file stops start-up.
+            jail.set_env(API_KEYS_FILE_ENV, "missing.txt");
+            let err = Config::load(None, &CliOverrides::default()).unwrap_err().to_string();
+            assert!(err.contains("missing.txt"), "{err}");
+            jail.create_file("empty.txt", "# nothing yet\n\n")?;
+            jail.set_env(API_KEYS_FILE_ENV, "empty.txt");
+            let err = Config::load(None, &CliOverrides::default()).unwrap_err().to_string();
+            assert!(err.contains("holds no keys"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unusable_keys_are_refused_without_echoing_them() {
+        let mut config = Config::default();
+        config.server.api_keys = vec![ApiKey::new("has a space")];
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.api_keys[0]") && !err.contains("has a space"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
 
 static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -12,8 +13,16 @@ static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
 /// `json` gives one JSON object per line, for log shippers; otherwise human text.
 pub fn init_logging(json: bool) {
     let filter = EnvFilter::try_from_env("PANDAGUARD_LOG").unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    // A second call (tests) finds a subscriber already set; that is fine.
+    init_logging_to(json, filter, std::io::stderr);
+}
+
+/// The same log format as `init_logging`, written to `writer` (tests capture the
+/// access log this way). A second call finds a subscriber already set; that is fine.
+pub fn init_logging_to<W>(json: bool, filter: EnvFilter, writer: W)
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     let _ = if json { builder.json().flatten_event(true).try_init() } else { builder.try_init() };
 }
 

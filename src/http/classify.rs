@@ -36,6 +36,7 @@ const RAW_IMAGE_TYPES: &[&str] = &[
 /// The body is the image (`Content-Type: image/jpeg|png|webp|gif|bmp|tiff` or
 /// `application/octet-stream`), or `multipart/form-data` with a field `image`.
 #[utoipa::path(post, path = "/classify", tag = "classify",
+    security((), ("bearer" = [])),
     params(
         ("model" = Option<String>, Query, description = "Model for the prediction (default from config; see /models)"),
         ("top_k" = Option<usize>, Query, description = "Classes to list, 1 to classify.max_top_k (default 5, at most 20)"),
@@ -101,8 +102,8 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
 /// `Server-Timing` lets browsers and proxies show the stages without parsing the body.
 fn server_timing(t: &Timing) -> String {
     format!(
-        "decode;dur={}, preprocess;dur={}, queue;dur={}, inference;dur={}, total;dur={}",
-        t.decode, t.preprocess, t.queue, t.inference, t.total
+        "decode;dur={}, preprocess;dur={}, views;dur={}, queue;dur={}, inference;dur={}, total;dur={}",
+        t.decode, t.preprocess, t.views, t.queue, t.inference, t.total
     )
 }
 

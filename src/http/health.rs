@@ -22,6 +22,27 @@ pub async fn live() -> Json<HealthResponse> {
         (status = 503, description = "Loading models or draining", body = HealthResponse),
     ))]
 pub async fn ready(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
+    readiness(&state)
+}
+
+/// Open Inference Protocol liveness: the same as `/health/live`.
+#[utoipa::path(get, path = "/v2/health/live", tag = "health",
+    responses((status = 200, description = "The process is alive", body = HealthResponse)))]
+pub async fn v2_live() -> Json<HealthResponse> {
+    live().await
+}
+
+/// Open Inference Protocol readiness: the same as `/health/ready`.
+#[utoipa::path(get, path = "/v2/health/ready", tag = "health",
+    responses(
+        (status = 200, description = "Ready for traffic", body = HealthResponse),
+        (status = 503, description = "Loading models or draining", body = HealthResponse),
+    ))]
+pub async fn v2_ready(State(state): State<AppState>) -> (StatusCode, Json<HealthResponse>) {
+    readiness(&state)
+}
+
+fn readiness(state: &AppState) -> (StatusCode, Json<HealthResponse>) {
     match state.not_ready_reason() {
         None => (StatusCode::OK, Json(HealthResponse { status: "ready".into(), reason: None })),
         Some(reason) => {

@@ -1,6 +1,7 @@
 //! The HTTP layer: routes, handlers, middleware. Handlers stay thin: parse, call the
 //! pipeline, map errors (one enum, one mapping in `crate::error`).
 
+mod auth;
 mod classify;
 mod error;
 mod health;
@@ -29,12 +30,17 @@ pub fn router(state: AppState) -> Router {
         .route("/models", get(models::list))
         .route("/health/live", get(health::live))
         .route("/health/ready", get(health::ready))
+        // The same probes under the Open Inference Protocol (KServe v2) paths.
+        .route("/v2/health/live", get(health::v2_live))
+        .route("/v2/health/ready", get(health::v2_ready))
         .route("/metrics", get(observe::metrics))
         .merge(openapi::routes())
         .fallback(|| async { ApiError::NotFound("no such route; see /openapi.json".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Multipart bodies are limited here; raw bodies by the classify handler itself.
         .layer(DefaultBodyLimit::max(max_body))
+        // Inside `observe`: a refused request still gets an id, a metric and a log line.
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe::observe))
         .layer(CatchPanicLayer::custom(|_| {
             axum::response::IntoResponse::into_response(ApiError::Internal("the handler panicked".into()))

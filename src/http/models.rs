@@ -7,8 +7,10 @@ use crate::error::ApiError;
 
 /// The loaded models with their cards.
 #[utoipa::path(get, path = "/models", tag = "models",
+    security((), ("bearer" = [])),
     responses(
         (status = 200, description = "Loaded models", body = ModelsResponse),
+        (status = 401, description = "Missing or wrong API key (when keys are configured)", body = ErrorResponse),
         (status = 503, description = "Models are still loading", body = ErrorResponse),
     ))]
 pub async fn list(State(state): State<AppState>) -> Result<Json<ModelsResponse>, ApiError> {

@@ -29,7 +29,16 @@ pub struct RequestSummary {
     pub suspicious: Option<bool>,
 }
 
-const ROUTES: &[&str] = &["/classify", "/models", "/health/live", "/health/ready", "/metrics", "/openapi.json"];
+const ROUTES: &[&str] = &[
+    "/classify",
+    "/models",
+    "/health/live",
+    "/health/ready",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/metrics",
+    "/openapi.json",
+];
 
 pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let arrived = Instant::now();
@@ -62,7 +71,9 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
     metrics::histogram!("pandaguard_http_request_seconds", "route" => route).record(latency.as_secs_f64());
 
     let summary = response.extensions().get::<RequestSummary>().cloned().unwrap_or_default();
-    if route != "/metrics" && !route.starts_with("/health") {
+    // Probes and scrapes would drown the log. Only these fields are logged: never a
+    // header (so never `Authorization`), a query string or a body.
+    if !matches!(route, "/metrics" | "/health/live" | "/health/ready" | "/v2/health/live" | "/v2/health/ready") {
         tracing::info!(
             target: "access",
             request_id = %id,

@@ -2,7 +2,8 @@
 //! the handlers' annotations so the documented statuses are the real ones.
 
 use axum::Router;
-use utoipa::OpenApi;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
 use utoipa_swagger_ui::SwaggerUi;
 
 use super::AppState;
@@ -19,7 +20,11 @@ use crate::defense::smooth::CertifyReport;
 #[derive(OpenApi)]
 #[openapi(
     info(title = "pandaguard", description = "Image classification with the raw prediction and one defended against adversarial examples"),
-    paths(super::classify::classify, super::models::list, super::health::live, super::health::ready, super::observe::metrics),
+    paths(
+        super::classify::classify, super::models::list, super::health::live, super::health::ready,
+        super::health::v2_live, super::health::v2_ready, super::observe::metrics,
+    ),
+    modifiers(&BearerKeys),
     components(schemas(
         ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo,
         HealthResponse, DefendedPrediction, DefenseReport, DefenseDetails, SmoothDetails, VoteCount, CertifyReport,
@@ -32,6 +37,22 @@ use crate::defense::smooth::CertifyReport;
     )
 )]
 pub struct ApiDoc;
+
+/// The `bearer` security scheme that `/classify` and `/models` list (optional: it
+/// applies only when `server.api_keys` or a key file is configured).
+struct BearerKeys;
+
+impl Modify for BearerKeys {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            let scheme = HttpBuilder::new()
+                .scheme(HttpAuthScheme::Bearer)
+                .description(Some("An API key from server.api_keys or the key file, when keys are configured"))
+                .build();
+            components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+        }
+    }
+}
 
 pub fn routes() -> Router<AppState> {
     Router::from(SwaggerUi::new("/docs").url("/openapi.json", ApiDoc::openapi()))

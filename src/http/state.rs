@@ -6,6 +6,8 @@ use std::sync::{Arc, OnceLock};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use super::auth::ApiKeys;
+
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::pipeline::Pipeline;
@@ -19,11 +21,30 @@ struct Inner {
     pipeline: OnceLock<Arc<Pipeline>>,
     draining: AtomicBool,
     metrics: PrometheusHandle,
+    api_keys: ApiKeys,
 }
 
 impl AppState {
+    /// Reads the API keys (config and key file). `Config::load` has already checked
+    /// that they load; should the file have vanished since, every protected route is
+    /// refused (fail closed) rather than served without authentication.
     pub fn new(config: Arc<Config>, metrics: PrometheusHandle) -> Self {
-        Self(Arc::new(Inner { config, pipeline: OnceLock::new(), draining: AtomicBool::new(false), metrics }))
+        let api_keys = match config.server.load_api_keys() {
+            Ok(keys) => ApiKeys::new(&keys),
+            Err(problem) => {
+                tracing::error!(%problem, "API keys could not be loaded; refusing every protected request");
+                ApiKeys::refuse_all()
+            }
+        };
+        if api_keys.required() {
+            tracing::info!("requests need an API key");
+        }
+        let draining = AtomicBool::new(false);
+        Self(Arc::new(Inner { config, pipeline: OnceLock::new(), draining, metrics, api_keys }))
+    }
+
+    pub fn api_keys(&self) -> &ApiKeys {
+        &self.0.api_keys
     }
 
     pub fn config(&self) -> &Config {
