@@ -1,5 +1,6 @@
 //! The red team: attacking the raw and defended pipelines and measuring what the
 //! defenses are worth.
 
+pub mod charts;
 pub mod evaluate;
 pub mod oracle;
