@@ -1,0 +1,470 @@
+//! Three replicas of the release binary behind nginx, configured by
+//! `config/deploy/nginx.conf` (addresses, port and file paths substituted), under a
+//! steady client load while each replica in turn is stopped with SIGTERM and started
+//! again: no client request may fail. Also checks that the deployment files agree
+//! with the server's configuration.
+//!
+//! nginx must be installed (`make setup` installs it from Debian's packages); without
+//! it these tests fail rather than skip.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pandaguard::config::{CliOverrides, Config};
+use support::{Replica, Scratch, find_nginx, free_port, get, raw_class_id, request, root, samples};
+
+const REPLICAS: usize = 3;
+const DRAIN_DELAY_MS: &str = "1500";
+const SHUTDOWN_TIMEOUT_MS: &str = "10000";
+const START_BOUND: Duration = Duration::from_secs(180);
+const EXIT_BOUND: Duration = Duration::from_secs(60);
+/// Client requests sent at least (more if the restarts are not done yet);
+/// `PANDAGUARD_LB_REQUESTS` overrides.
+const DEFAULT_REQUESTS: usize = 2000;
+const CONCURRENCY: usize = 16;
+
+fn nginx() -> PathBuf {
+    find_nginx().unwrap_or_else(|| {
+        panic!(
+            "nginx is not installed: `make setup` installs it (apt-get install nginx); the load-balancer test \
+             needs it and does not skip"
+        )
+    })
+}
+
+fn deploy_file(name: &str) -> String {
+    let path = root().join("config/deploy").join(name);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `config/deploy/nginx.conf` with the three upstream servers on `ports`, listening on
+/// 127.0.0.1:`listen`, and every file nginx writes inside `dir` (runs without root).
+fn nginx_conf(dir: &Path, ports: &[u16], listen: u16) -> String {
+    let mut conf = deploy_file("nginx.conf");
+    let mut replace = |from: &str, to: &str| {
+        assert!(conf.contains(from), "config/deploy/nginx.conf no longer contains {from:?}");
+        conf = conf.replace(from, to);
+    };
+    for (i, port) in ports.iter().enumerate() {
+        replace(&format!("server pandaguard-{}:8080", i + 1), &format!("server 127.0.0.1:{port}"));
+    }
+    replace("listen 8080;", &format!("listen 127.0.0.1:{listen};"));
+    replace("/var/log/nginx/access.log", &dir.join("access.log").display().to_string());
+    replace("worker_processes auto;", "worker_processes 1;");
+    let mut temp = String::new();
+    for kind in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        let path = dir.join(format!("{kind}_temp"));
+        std::fs::create_dir_all(&path).unwrap();
+        // nginx's workers run as `nobody` when the master is root.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+        temp.push_str(&format!("    {kind}_temp_path {};\n", path.display()));
+    }
+    replace("http {\n", &format!("http {{\n{temp}"));
+    conf
+}
+
+fn nginx_command(dir: &Path) -> Command {
+    let mut command = Command::new(nginx());
+    command
+        .arg("-p")
+        .arg(dir)
+        .arg("-e")
+        .arg(dir.join("error.log"))
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .arg("-g")
+        .arg(format!(
+            "daemon off; pid {}; error_log {} warn;",
+            dir.join("nginx.pid").display(),
+            dir.join("error.log").display()
+        ));
+    command
+}
+
+#[test]
+fn deploy_files_agree_with_the_server_config() {
+    // nginx accepts the configuration (as the load test below runs it).
+    let scratch = Scratch::new("lb-conf");
+    std::fs::write(scratch.join("nginx.conf"), nginx_conf(&scratch.path, &[18001, 18002, 18003], 18000)).unwrap();
+    let output = nginx_command(&scratch.path).arg("-t").output().unwrap();
+    assert!(output.status.success(), "nginx -t: {}", String::from_utf8_lossy(&output.stderr));
+
+    // The ConfigMap's config.toml is a valid pandaguard configuration.
+    let configmap = deploy_file("kubernetes/configmap.yaml");
+    let start = configmap.find("  config.toml: |\n").expect("configmap.yaml has data.config.toml") + 17;
+    let toml: String = configmap[start..]
+        .lines()
+        .take_while(|l| l.is_empty() || l.starts_with("    "))
+        .map(|l| format!("{}\n", l.get(4..).unwrap_or("")))
+        .collect();
+    std::fs::write(scratch.join("config.toml"), &toml).unwrap();
+    let config = Config::load(Some(&scratch.join("config.toml")), &CliOverrides::default())
+        .unwrap_or_else(|e| panic!("the ConfigMap's config.toml is refused: {e}\n{toml}"));
+    let server = &config.server;
+
+    // nginx: body limit = max_body_bytes, read timeout longer than the request deadline.
+    let nginx = deploy_file("nginx.conf");
+    let number = |text: &str, key: &str| -> u64 {
+        let line = text.lines().map(str::trim).find(|l| l.starts_with(key)).unwrap_or_else(|| panic!("no {key}"));
+        let digits: String =
+            line[key.len()..].chars().skip_while(|c| !c.is_ascii_digit()).take_while(char::is_ascii_digit).collect();
+        digits.parse().unwrap_or_else(|_| panic!("no number in {line:?}"))
+    };
+    assert_eq!(number(&nginx, "client_max_body_size") * 1024 * 1024, server.max_body_bytes as u64);
+    assert!(number(&nginx, "proxy_read_timeout") * 1000 > server.request_timeout_ms);
+    assert!(nginx.contains("proxy_next_upstream error timeout http_503 non_idempotent;"));
+
+    // Kubernetes: preStop sleep = drain delay; the grace period covers preStop + drain + in-flight.
+    let deployment = deploy_file("kubernetes/deployment.yaml");
+    let pre_stop = number(&deployment, "command: [\"/bin/sleep\",");
+    assert_eq!(pre_stop * 1000, server.drain_delay_ms);
+    let grace = number(&deployment, "terminationGracePeriodSeconds:");
+    assert!(grace * 1000 > pre_stop * 1000 + server.drain_delay_ms + server.shutdown_timeout_ms);
+    for needle in ["path: /health/ready", "path: /health/live", "startupProbe:", "readinessProbe:", "livenessProbe:"] {
+        assert!(deployment.contains(needle), "deployment.yaml lacks {needle}");
+    }
+    assert!(deployment.contains("PANDAGUARD_RUNTIME__INTRA_OP_THREADS") && deployment.contains("resource: limits.cpu"));
+    // Plain YAML hygiene (no YAML crate among the dev-dependencies): no tabs.
+    for file in ["configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "kustomization.yaml"] {
+        let text = deploy_file(&format!("kubernetes/{file}"));
+        assert!(!text.contains('\t'), "{file} contains a tab");
+    }
+}
+
+/// Replicas shared by the restarting thread and the test; all are killed on drop,
+/// and no new one is started after that.
+struct Fleet {
+    replicas: Mutex<Vec<Replica>>,
+    closed: AtomicBool,
+}
+
+impl Fleet {
+    fn close(&self) {
+        let mut replicas = self.replicas.lock().unwrap_or_else(|p| p.into_inner());
+        self.closed.store(true, Ordering::SeqCst);
+        replicas.clear(); // Replica::drop kills the process
+    }
+}
+
+struct FleetGuard(Arc<Fleet>);
+
+impl Drop for FleetGuard {
+    fn drop(&mut self) {
+        self.0.close();
+    }
+}
+
+struct SetOnDrop(Arc<AtomicBool>);
+
+impl Drop for SetOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn replica_env() -> Vec<(&'static str, &'static str)> {
+    vec![
+        ("PANDAGUARD_SERVER__DRAIN_DELAY_MS", DRAIN_DELAY_MS),
+        ("PANDAGUARD_SERVER__SHUTDOWN_TIMEOUT_MS", SHUTDOWN_TIMEOUT_MS),
+        // Three replicas share two cores: one ORT thread each, no spinning.
+        ("PANDAGUARD_RUNTIME__INTRA_OP_THREADS", "1"),
+        ("PANDAGUARD_RUNTIME__SPIN", "false"),
+        ("PANDAGUARD_MODELS__LOAD", "[\"efficientnet-lite0\"]"),
+        ("PANDAGUARD_MODELS__DEFAULT", "efficientnet-lite0"),
+        ("PANDAGUARD_LOG", "info,ort=warn,access=warn"),
+    ]
+}
+
+#[derive(Default)]
+struct Tally {
+    ok: usize,
+    by_query: BTreeMap<&'static str, usize>,
+    failures: Vec<String>,
+}
+
+struct Restart {
+    replica: usize,
+    /// Requests sent when the replica was ready again.
+    at_request: usize,
+    exit_code: Option<i32>,
+    stopped_after: Duration,
+    ready_again_after: Duration,
+}
+
+#[test]
+fn rolling_restarts_behind_nginx_lose_no_request() {
+    let nginx_path = nginx();
+    let scratch = Scratch::new("lb");
+    let ports: Vec<u16> = (0..REPLICAS).map(|_| free_port()).collect();
+    let listen = free_port();
+    let min_requests: usize =
+        std::env::var("PANDAGUARD_LB_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_REQUESTS);
+
+    let fleet = Arc::new(Fleet { replicas: Mutex::new(Vec::new()), closed: AtomicBool::new(false) });
+    let _fleet_guard = FleetGuard(Arc::clone(&fleet));
+    let log = |i: usize, generation: usize| scratch.join(&format!("replica-{}-{generation}.log", i + 1));
+    {
+        let mut replicas = fleet.replicas.lock().unwrap();
+        for (i, port) in ports.iter().enumerate() {
+            replicas.push(Replica::spawn(&format!("replica-{}", i + 1), *port, &replica_env(), &log(i, 0)));
+        }
+        for replica in replicas.iter_mut() {
+            replica.wait_ready(START_BOUND);
+        }
+    }
+
+    // The answer each photo gets from the replicas directly (all must agree).
+    let photos: Vec<(Vec<u8>, usize)> =
+        samples().into_iter().map(|(path, label)| (std::fs::read(path).unwrap(), label)).collect();
+    let expected: Vec<u64> = photos
+        .iter()
+        .map(|(image, _)| {
+            let answers: Vec<Option<u64>> = ports
+                .iter()
+                .map(|port| {
+                    let (status, body) =
+                        request(([127, 0, 0, 1], *port).into(), "POST", "/classify?defense=none", image)
+                            .expect("a replica answers");
+                    assert_eq!(status, 200, "{body}");
+                    raw_class_id(&body)
+                })
+                .collect();
+            assert!(answers.iter().all(|a| a.is_some() && *a == answers[0]), "replicas disagree: {answers:?}");
+            answers[0].unwrap()
+        })
+        .collect();
+    let agree_with_dataset = expected.iter().zip(&photos).filter(|(e, (_, label))| **e == *label as u64).count();
+
+    std::fs::write(scratch.join("nginx.conf"), nginx_conf(&scratch.path, &ports, listen)).unwrap();
+    let nginx_child = nginx_command(&scratch.path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", nginx_path.display()));
+    let _nginx_guard = ChildGuard(nginx_child);
+    let lb: std::net::SocketAddr = ([127, 0, 0, 1], listen).into();
+    let started = Instant::now();
+    while get(lb, "/health/live").ok().map(|(s, _)| s) != Some(200) {
+        let error_log = std::fs::read_to_string(scratch.join("error.log")).unwrap_or_default();
+        assert!(started.elapsed() < Duration::from_secs(30), "nginx does not answer on {lb}:\n{error_log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // The load: CONCURRENCY clients over keep-alive connections to nginx.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let restarts_done = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Mutex::new(Tally::default()));
+    let photos = Arc::new(photos);
+    let expected = Arc::new(expected);
+    let load_started = Instant::now();
+
+    // Each replica in turn: SIGTERM, wait for exit 0, start again, wait until ready.
+    let restarter = {
+        let fleet = Arc::clone(&fleet);
+        let sent = Arc::clone(&sent);
+        let restarts_done = Arc::clone(&restarts_done);
+        let ports = ports.clone();
+        let logs: Vec<Vec<PathBuf>> = (0..REPLICAS).map(|i| (1..3).map(|g| log(i, g)).collect()).collect();
+        std::thread::spawn(move || {
+            // Ends the load even if this thread panics.
+            let _done = SetOnDrop(restarts_done);
+            let mut restarts = Vec::new();
+            for i in 0..REPLICAS {
+                // Spread over the load: after 1/8, 3/8 and 5/8 of the requests.
+                while sent.load(Ordering::Relaxed) < min_requests * (1 + 2 * i) / 8 {
+                    if fleet.closed.load(Ordering::SeqCst) {
+                        return restarts;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let began = Instant::now();
+                let exit = {
+                    let mut replicas = fleet.replicas.lock().unwrap();
+                    replicas[i].signal("TERM");
+                    // Others keep answering meanwhile: the lock only guards the list.
+                    let mut status = None;
+                    while began.elapsed() < EXIT_BOUND && status.is_none() {
+                        drop(replicas);
+                        std::thread::sleep(Duration::from_millis(20));
+                        replicas = fleet.replicas.lock().unwrap();
+                        if fleet.closed.load(Ordering::SeqCst) {
+                            return restarts;
+                        }
+                        status = replicas[i].try_wait();
+                    }
+                    status
+                };
+                let stopped_after = began.elapsed();
+                {
+                    let mut replicas = fleet.replicas.lock().unwrap();
+                    if fleet.closed.load(Ordering::SeqCst) {
+                        return restarts;
+                    }
+                    replicas[i] = Replica::spawn(&format!("replica-{}", i + 1), ports[i], &replica_env(), &logs[i][0]);
+                }
+                let ready_started = Instant::now();
+                loop {
+                    if fleet.closed.load(Ordering::SeqCst) {
+                        return restarts;
+                    }
+                    if let Ok((200, _)) = get(([127, 0, 0, 1], ports[i]).into(), "/health/ready") {
+                        break;
+                    }
+                    if ready_started.elapsed() > START_BOUND {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                restarts.push(Restart {
+                    replica: i + 1,
+                    at_request: sent.load(Ordering::Relaxed),
+                    exit_code: exit.and_then(|s| s.code()),
+                    stopped_after,
+                    ready_again_after: began.elapsed(),
+                });
+            }
+            restarts
+        })
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    runtime.block_on(async {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let mut tasks = Vec::new();
+        for _ in 0..CONCURRENCY {
+            let (client, sent, restarts_done, tally) =
+                (client.clone(), Arc::clone(&sent), Arc::clone(&restarts_done), Arc::clone(&tally));
+            let (photos, expected) = (Arc::clone(&photos), Arc::clone(&expected));
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let n = sent.fetch_add(1, Ordering::SeqCst);
+                    // Stop once enough requests were sent and the restarts are over (cap: 10x).
+                    if (n >= min_requests && restarts_done.load(Ordering::SeqCst)) || n >= min_requests * 10 {
+                        sent.fetch_sub(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let photo = n % photos.len();
+                    let query = match n % 10 {
+                        3 => "defense=smooth&samples=8&seed=1",
+                        7 => "defense=fast",
+                        _ => "defense=none",
+                    };
+                    let result = client
+                        .post(format!("http://{lb}/classify?{query}"))
+                        .header("content-type", "image/jpeg")
+                        .header("x-request-id", format!("lb-test-{n}"))
+                        .body(photos[photo].0.clone())
+                        .send()
+                        .await;
+                    let outcome = match result {
+                        Ok(response) => {
+                            let status = response.status().as_u16();
+                            match response.text().await {
+                                Ok(body) if status == 200 && raw_class_id(&body) == Some(expected[photo]) => Ok(()),
+                                Ok(body) => Err(format!("#{n} {query} photo {photo}: {status} {body:.300}")),
+                                Err(e) => Err(format!("#{n} {query} photo {photo}: {status}, body: {e}")),
+                            }
+                        }
+                        Err(e) => Err(format!("#{n} {query} photo {photo}: {e}")),
+                    };
+                    let mut tally = tally.lock().unwrap();
+                    match outcome {
+                        Ok(()) => {
+                            tally.ok += 1;
+                            *tally.by_query.entry(query).or_default() += 1;
+                        }
+                        Err(failure) => tally.failures.push(failure),
+                    }
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    });
+    let elapsed = load_started.elapsed();
+    let restarts = restarter.join().expect("the restarting thread panicked");
+    drop(_nginx_guard); // flushes the access log
+
+    // Who answered: the last upstream of each access-log line; lines naming several
+    // upstreams were retried on another replica.
+    let access = std::fs::read_to_string(scratch.join("access.log")).unwrap_or_default();
+    let mut share: BTreeMap<String, usize> = BTreeMap::new();
+    let mut retried = 0;
+    let mut retry_statuses: BTreeMap<String, usize> = BTreeMap::new();
+    for line in access.lines().filter(|l| l.contains("POST /classify")) {
+        let upstreams = line.split(" upstream=").nth(1).and_then(|r| r.split(" ustatus=").next()).unwrap_or("");
+        let statuses = line.split(" ustatus=").nth(1).and_then(|r| r.split(" urt=").next()).unwrap_or("");
+        let last = upstreams.rsplit(", ").next().unwrap_or("").to_string();
+        let name =
+            ports.iter().position(|p| last.ends_with(&format!(":{p}"))).map_or(last, |i| format!("replica-{}", i + 1));
+        *share.entry(name).or_default() += 1;
+        if upstreams.contains(',') {
+            retried += 1;
+            for status in statuses.split(", ").collect::<Vec<_>>().split_last().map_or(&[][..], |(_, rest)| rest) {
+                *retry_statuses.entry(status.to_string()).or_default() += 1;
+            }
+        }
+    }
+
+    let tally = tally.lock().unwrap();
+    let total = tally.ok + tally.failures.len();
+    println!("load balancer test: {REPLICAS} replicas (lite0, 1 ORT thread each) behind nginx, {CONCURRENCY} clients");
+    println!(
+        "  requests {total}: ok {}, failed {} ({:?}); elapsed {:.1} s, {:.1} req/s",
+        tally.ok,
+        tally.failures.len(),
+        tally.by_query,
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
+    println!(
+        "  answered by {share:?}; retried on another replica by nginx: {retried} (failed attempts: {retry_statuses:?})"
+    );
+    for r in &restarts {
+        println!(
+            "  restart replica-{}: SIGTERM -> exit {:?} after {:.2} s, ready again after {:.2} s (request #{})",
+            r.replica,
+            r.exit_code,
+            r.stopped_after.as_secs_f64(),
+            r.ready_again_after.as_secs_f64(),
+            r.at_request
+        );
+    }
+    println!("  photos whose replica label is the dataset label: {agree_with_dataset}/{}", photos.len());
+
+    assert!(
+        tally.failures.is_empty(),
+        "{} failed requests, e.g.:\n{}",
+        tally.failures.len(),
+        tally.failures[..tally.failures.len().min(10)].join("\n")
+    );
+    assert_eq!(restarts.len(), REPLICAS, "not every replica was restarted");
+    for r in &restarts {
+        assert_eq!(r.exit_code, Some(0), "replica-{} did not exit 0 after SIGTERM", r.replica);
+    }
+    assert!(total >= min_requests, "{total} requests sent");
+    for i in 0..REPLICAS {
+        assert!(
+            share.get(&format!("replica-{}", i + 1)).copied().unwrap_or(0) > 0,
+            "replica-{} got no traffic: {share:?}",
+            i + 1
+        );
+    }
+}
