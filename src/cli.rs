@@ -1,4 +1,5 @@
-//! Command line: `serve`, `classify` (offline, same JSON as the API) and `models`.
+//! Command line: `serve`, `classify` (offline, same JSON as the API), `attack`,
+//! `evaluate` and `models`.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,11 +9,13 @@ use std::time::Instant;
 use clap::{Parser, Subcommand};
 
 use crate::api::{ErrorDetail, ErrorResponse};
+use crate::attack::square::Norm;
 use crate::config::{CliOverrides, Config, ModelOverrides, ServerOverrides};
 use crate::model::{ModelCard, ModelRegistry, sha256_file};
 use crate::params::ClassifyParams;
 use crate::pipeline::Pipeline;
-use crate::redteam::evaluate::EvaluateOptions;
+use crate::redteam::attack::{AttackOptions, Method};
+use crate::redteam::evaluate::{AttackKind, EvaluateOptions};
 
 const DEFAULT_CONFIG: &str = "config/default.toml";
 
@@ -77,9 +80,82 @@ enum Command {
         /// Also set the squeeze threshold on clean variants (5% false positives).
         #[arg(long)]
         calibrate: bool,
+        /// square / nes attack the raw model (transfer); square-eot / nes-eot attack
+        /// each preset's pipeline itself with EOT (adaptive).
+        #[arg(long, value_delimiter = ',', default_value = "square,square-eot")]
+        attacks: Vec<String>,
+        /// Query budget of the adaptive attacks (each query is --eot defended answers).
+        #[arg(long, default_value_t = 100)]
+        adaptive_queries: usize,
+        /// Photos attacked adaptively (the first ones the raw model gets right).
+        #[arg(long, default_value_t = 8)]
+        adaptive_images: usize,
+        /// Draws of the defense's randomness averaged per adaptive query.
+        #[arg(long, default_value_t = 2)]
+        eot: usize,
+        /// Noise levels of the certified-accuracy curves (empty: none).
+        #[arg(long, value_delimiter = ',', default_value = "0.12,0.25")]
+        certify_sigmas: Vec<f32>,
+        /// CERTIFY's estimation samples n.
+        #[arg(long, default_value_t = 200)]
+        certify_samples: u32,
+        /// Square Attack's initial fraction of changed pixels (the paper's 0.05 fooled
+        /// Lite0 on 12/17 photos at 4/255, 0.15 on 14/17: README "Red team").
+        #[arg(long, default_value_t = 0.15)]
+        p_init: f32,
+        /// Presets attacked adaptively [default: every preset but none].
+        #[arg(long, value_delimiter = ',')]
+        adaptive_presets: Vec<String>,
+    },
+    /// Attack one photo (Square or NES, optionally with EOT) against the raw model, a
+    /// defended preset in-process, or a running server (`--url`); writes the adversarial
+    /// PNG at the model's input size and prints one JSON line.
+    Attack {
+        image: PathBuf,
+        /// Where to write the adversarial PNG.
+        #[arg(long)]
+        out: PathBuf,
+        /// Class name or id to reach (default: untargeted, any other answer).
+        #[arg(long)]
+        target: Option<String>,
+        /// Budget: a fraction like 4/255 or a decimal, in [0,1] pixel units.
+        #[arg(long, default_value = "4/255")]
+        eps: String,
+        #[arg(long, value_enum, default_value = "linf")]
+        norm: NormArg,
+        #[arg(long, value_enum, default_value = "square")]
+        method: MethodArg,
+        #[arg(long, default_value_t = 1000)]
+        queries: usize,
+        /// `raw`, `defended` (the `default` preset) or a preset / comma list of defenses.
+        #[arg(long, default_value = "raw")]
+        against: String,
+        /// Draws of the defense's randomness averaged per query (expectation over transformation).
+        #[arg(long, default_value_t = 1)]
+        eot: usize,
+        /// Attack a running server, e.g. http://localhost:8080, through POST /classify only.
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Raw model (default: the configured or served default).
+        #[arg(long)]
+        model: Option<String>,
     },
     /// List the configured models and check their files.
     Models,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum NormArg {
+    Linf,
+    L2,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum MethodArg {
+    Square,
+    Nes,
 }
 
 pub fn main() -> ExitCode {
@@ -124,18 +200,96 @@ pub fn main() -> ExitCode {
             }
             runtime.block_on(classify(config, &pairs, &images))
         }
-        Command::Evaluate { images, labels, presets, eps, queries, max_images, out, seed, calibrate } => {
+        Command::Evaluate {
+            images,
+            labels,
+            presets,
+            eps,
+            queries,
+            max_images,
+            out,
+            seed,
+            calibrate,
+            attacks,
+            adaptive_queries,
+            adaptive_images,
+            eot,
+            certify_sigmas,
+            certify_samples,
+            p_init,
+            adaptive_presets,
+        } => {
             let epsilons = match eps.iter().map(|e| parse_fraction(e)).collect::<Result<Vec<_>, _>>() {
                 Ok(epsilons) => epsilons,
                 Err(e) => return fail(&e),
             };
-            let options =
-                EvaluateOptions { images, labels, presets, epsilons, queries, max_images, out, seed, calibrate };
+            let attacks = match attacks.iter().map(|a| AttackKind::parse(a)).collect::<Result<Vec<_>, _>>() {
+                Ok(attacks) => attacks,
+                Err(e) => return fail(&e),
+            };
+            if eot == 0 {
+                return fail("--eot must be at least 1");
+            }
+            let options = EvaluateOptions {
+                images,
+                labels,
+                presets,
+                epsilons,
+                queries,
+                max_images,
+                out,
+                seed,
+                calibrate,
+                attacks,
+                adaptive_queries,
+                adaptive_images,
+                eot,
+                certify_sigmas: certify_sigmas.into_iter().filter(|s| *s > 0.0).collect(),
+                certify_samples,
+                p_init: Some(p_init),
+                adaptive_presets,
+            };
             match crate::redteam::evaluate::run(&runtime, config, &options) {
                 Ok(_) => {
                     eprintln!("wrote {}/report.md and report.json", options.out.display());
                     ExitCode::SUCCESS
                 }
+                Err(e) => fail(&e),
+            }
+        }
+        Command::Attack { image, out, target, eps, norm, method, queries, against, eot, url, seed, model } => {
+            let epsilon = match parse_fraction(&eps) {
+                Ok(epsilon) => epsilon,
+                Err(e) => return fail(&e),
+            };
+            let options = AttackOptions {
+                image,
+                out,
+                target,
+                epsilon,
+                norm: match norm {
+                    NormArg::Linf => Norm::Linf,
+                    NormArg::L2 => Norm::L2,
+                },
+                method: match method {
+                    MethodArg::Square => Method::Square,
+                    MethodArg::Nes => Method::Nes,
+                },
+                queries,
+                against,
+                eot,
+                url,
+                seed,
+                model,
+            };
+            match crate::redteam::attack::run(&runtime, config, &options) {
+                Ok(report) => match serde_json::to_string(&report) {
+                    Ok(line) => {
+                        println!("{line}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => fail(&e.to_string()),
+                },
                 Err(e) => fail(&e),
             }
         }

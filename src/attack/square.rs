@@ -58,12 +58,16 @@ pub struct SquareConfig {
     /// Initial fraction of pixels changed per step ([`Norm::default_p_init`]).
     pub p_init: f32,
     pub seed: u64,
+    /// A warm start in place of the random initialisation (projected onto the ε-ball
+    /// around the image and [0, 1]): an adaptive attacker starts from the transfer
+    /// example, so it is at least as strong as the transfer attack it builds on.
+    pub start: Option<Vec<f32>>,
 }
 
 impl SquareConfig {
     /// A configuration with the paper's `p_init` for `norm`.
     pub fn new(norm: Norm, epsilon: f32, max_queries: usize, seed: u64) -> Self {
-        Self { norm, epsilon, max_queries, p_init: norm.default_p_init(), seed }
+        Self { norm, epsilon, max_queries, p_init: norm.default_p_init(), seed, start: None }
     }
 }
 
@@ -176,6 +180,9 @@ fn validate(image: &ModelImage, config: &SquareConfig) -> Result<(), String> {
     if !(config.p_init > 0.0 && config.p_init <= 1.0) {
         return Err(format!("p_init must lie in (0, 1], got {}", config.p_init));
     }
+    if config.start.as_ref().is_some_and(|start| start.len() != image.data.len()) {
+        return Err("the warm start must have the image's size".to_string());
+    }
     if config.max_queries == 0 {
         return Err("max_queries must be at least 1 (the initialisation is a query)".to_string());
     }
@@ -242,18 +249,27 @@ fn linf_attack(
     let (h, w, eps) = (search.height, search.width, config.epsilon);
     let plane = h * w;
 
-    // Vertical stripes: δ[c, :, j] = ±ε, one sign per channel and column.
-    let mut init = vec![0.0f32; x.len()];
-    for c in 0..CHANNELS {
-        for j in 0..w {
-            let delta = random_sign(rng) * eps;
-            for i in 0..h {
-                let k = c * plane + i * w + j;
-                init[k] = (x[k] + delta).clamp(0.0, 1.0);
+    match &config.start {
+        // Projected onto the ball; window updates then overwrite it with ±ε squares.
+        Some(start) => {
+            let init = x.iter().zip(start).map(|(&x, &s)| s.clamp(x - eps, x + eps).clamp(0.0, 1.0)).collect();
+            search.offer(init)?;
+        }
+        None => {
+            // Vertical stripes: δ[c, :, j] = ±ε, one sign per channel and column.
+            let mut init = vec![0.0f32; x.len()];
+            for c in 0..CHANNELS {
+                for j in 0..w {
+                    let delta = random_sign(rng) * eps;
+                    for i in 0..h {
+                        let k = c * plane + i * w + j;
+                        init[k] = (x[k] + delta).clamp(0.0, 1.0);
+                    }
+                }
             }
+            search.offer(init)?;
         }
     }
-    search.offer(init)?;
 
     let mut iteration = 0;
     while search.running(config.max_queries) {
@@ -401,6 +417,9 @@ fn l2_attack(
             }
         }
     }
+    if let Some(start) = &config.start {
+        delta = start.iter().zip(x).map(|(s, x)| s - x).collect();
+    }
     search.offer(project_l2(x, &delta, eps))?;
 
     let mut iteration = 0;
@@ -450,6 +469,9 @@ fn l2_attack(
             for (k, u) in window_1.offsets(w).zip(update) {
                 channel[k] = (f64::from(u) * target) as f32;
             }
+        }
+        if let Some(start) = &config.start {
+            delta = start.iter().zip(x).map(|(s, x)| s - x).collect();
         }
         search.offer(project_l2(x, &delta, eps))?;
     }

@@ -44,3 +44,208 @@ impl Oracle for RawModel {
         Ok(output.outputs.chunks(self.model.card.num_classes).map(<[f32]>::to_vec).collect())
     }
 }
+
+/// Which answer of the service an oracle reads: the raw model's or the defended one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Raw,
+    Defended,
+}
+
+/// The image as the service receives it: quantized to 8 bits and PNG-encoded
+/// (lossless), at the model's input size so the service uses it as it is.
+pub fn as_png(image: &ModelImage) -> Result<Vec<u8>, String> {
+    let mut out = std::io::Cursor::new(Vec::new());
+    image.to_rgb().write_to(&mut out, image::ImageFormat::Png).map_err(|e| format!("cannot encode a PNG: {e}"))?;
+    Ok(out.into_inner())
+}
+
+/// Log-probabilities from a full probability vector; an abstention (no vector) gives
+/// the uniform distribution, whose margin is 0: never counted as an attack success by
+/// the search itself, so the final check (which counts abstentions as errors) decides.
+fn log_probabilities(probabilities: &[f32], classes: usize) -> Vec<f32> {
+    if probabilities.is_empty() {
+        return vec![-(classes as f32).ln(); classes];
+    }
+    // A floor keeps ln finite for classes no view voted for (smoothing's vote shares).
+    probabilities.iter().map(|&p| p.max(1e-12).ln()).collect()
+}
+
+/// The whole defended pipeline in-process (decode, views, batched engine runs,
+/// combination), scored by its defended probabilities; each image classified with a fresh seed: every query draws new noise,
+/// as a client of the service would see. The images of one call are classified
+/// concurrently, so their views share engine batches. Blocking: call from a plain thread.
+pub struct DefendedPipeline {
+    pipeline: Arc<crate::pipeline::Pipeline>,
+    runtime: tokio::runtime::Handle,
+    params: crate::params::ClassifyParams,
+    classes: usize,
+    next_seed: u64,
+    /// Images classified so far.
+    pub queries: usize,
+}
+
+impl DefendedPipeline {
+    /// `params` are API parameters, e.g. `[("defense", "default")]`.
+    pub fn new(
+        pipeline: Arc<crate::pipeline::Pipeline>,
+        runtime: tokio::runtime::Handle,
+        params: &[(&str, &str)],
+        seed: u64,
+    ) -> Result<Self, String> {
+        let params = crate::params::ClassifyParams::from_pairs(params.iter().copied(), pipeline.config())
+            .map_err(|e| e.to_string())?;
+        let raw = params.model.clone().unwrap_or_else(|| pipeline.config().models.default.clone());
+        let classes =
+            pipeline.registry().get(&raw).map(|m| m.card.num_classes).ok_or(format!("model {raw} is not loaded"))?;
+        Ok(Self { pipeline, runtime, params, classes, next_seed: seed, queries: 0 })
+    }
+
+    /// The full answer for one image (a fresh seed; counts as a query).
+    pub fn classify(&mut self, image: &ModelImage) -> Result<crate::api::ClassifyResponse, String> {
+        Ok(self.classify_all(std::slice::from_ref(image))?.swap_remove(0))
+    }
+
+    fn classify_all(&mut self, images: &[ModelImage]) -> Result<Vec<crate::api::ClassifyResponse>, String> {
+        let mut requests = Vec::with_capacity(images.len());
+        for image in images {
+            let mut params = self.params.clone();
+            params.seed = Some(self.next_seed);
+            self.next_seed = self.next_seed.wrapping_add(1);
+            requests.push((as_png(image)?, params));
+        }
+        let pipeline = Arc::clone(&self.pipeline);
+        let answers = self.runtime.block_on(async move {
+            let mut tasks = tokio::task::JoinSet::new();
+            for (index, (png, params)) in requests.into_iter().enumerate() {
+                let pipeline = Arc::clone(&pipeline);
+                tasks.spawn(async move {
+                    let answer =
+                        pipeline.classify(png.into(), &params, format!("attack-{index}"), Instant::now()).await;
+                    (index, answer)
+                });
+            }
+            let mut answers = Vec::new();
+            while let Some(joined) = tasks.join_next().await {
+                answers.push(joined.map_err(|e| e.to_string())?);
+            }
+            Ok::<_, String>(answers)
+        })?;
+        let mut ordered: Vec<Option<crate::api::ClassifyResponse>> = vec![None; images.len()];
+        for (index, answer) in answers {
+            ordered[index] = Some(answer.map_err(|e| e.to_string())?);
+        }
+        self.queries += images.len();
+        ordered.into_iter().map(|a| a.ok_or_else(|| "a classification went missing".to_string())).collect()
+    }
+}
+
+impl Oracle for DefendedPipeline {
+    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+        let classes = self.classes;
+        Ok(self
+            .classify_all(images)?
+            .iter()
+            .map(|answer| log_probabilities(&answer.defended_probabilities, classes))
+            .collect())
+    }
+}
+
+/// A running pandaguard server, attacked through `POST /classify` only: a black-box test
+/// of a deployment. Scores come from the answer's `top_k` (the service lists at most 20
+/// classes); the probability mass it leaves out is spread evenly over the other classes,
+/// a floor that keeps the margin finite. Each query sends a fresh random `seed`.
+pub struct HttpService {
+    agent: ureq::Agent,
+    classify_url: String,
+    /// API parameters sent with every request (`defense`, `model`).
+    params: Vec<(String, String)>,
+    answer: Answer,
+    classes: usize,
+    next_seed: u64,
+    /// Requests sent so far.
+    pub queries: usize,
+    /// Time spent waiting for the server.
+    pub elapsed: Duration,
+}
+
+/// The most classes `/classify` lists.
+const HTTP_TOP_K: usize = 20;
+
+impl HttpService {
+    /// `base_url` like `http://host:8080`; `classes` from the model card (`GET /models`).
+    pub fn new(base_url: &str, params: Vec<(String, String)>, answer: Answer, classes: usize, seed: u64) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(120)))
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let classify_url = format!("{}/classify", base_url.trim_end_matches('/'));
+        Self { agent, classify_url, params, answer, classes, next_seed: seed, queries: 0, elapsed: Duration::ZERO }
+    }
+
+    /// The model cards the server lists (`GET /models`).
+    pub fn models(base_url: &str) -> Result<crate::api::ModelsResponse, String> {
+        let url = format!("{}/models", base_url.trim_end_matches('/'));
+        let mut response = ureq::get(&url).call().map_err(|e| format!("GET {url}: {e}"))?;
+        let text = response.body_mut().read_to_string().map_err(|e| format!("GET {url}: {e}"))?;
+        serde_json::from_str(&text).map_err(|e| format!("GET {url}: not a model list: {e}"))
+    }
+
+    /// The full answer for one image (a fresh seed; counts as a query).
+    pub fn classify(&mut self, image: &ModelImage) -> Result<crate::api::ClassifyResponse, String> {
+        let png = as_png(image)?;
+        let seed = self.next_seed;
+        self.next_seed = self.next_seed.wrapping_add(1);
+        let started = Instant::now();
+        let mut request = self.agent.post(&self.classify_url);
+        for (key, value) in &self.params {
+            request = request.query(key, value);
+        }
+        let mut response = request
+            .query("top_k", HTTP_TOP_K.to_string())
+            .query("seed", seed.to_string())
+            .header("content-type", "image/png")
+            .send(&png[..])
+            .map_err(|e| format!("POST {}: {e}", self.classify_url))?;
+        let status = response.status();
+        let text = response.body_mut().read_to_string().map_err(|e| format!("POST {}: {e}", self.classify_url))?;
+        self.elapsed += started.elapsed();
+        self.queries += 1;
+        if !status.is_success() {
+            return Err(format!("POST {} answered {status}: {text}", self.classify_url));
+        }
+        serde_json::from_str(&text).map_err(|e| format!("POST {}: unexpected answer: {e}", self.classify_url))
+    }
+
+    fn scores_of(&self, answer: &crate::api::ClassifyResponse) -> Vec<f32> {
+        let listed = match self.answer {
+            Answer::Raw => &answer.raw.top_k,
+            Answer::Defended => &answer.defended.top_k,
+        };
+        if listed.is_empty() {
+            return log_probabilities(&[], self.classes);
+        }
+        let known: f32 = listed.iter().map(|c| c.probability).sum();
+        let rest = self.classes.saturating_sub(listed.len()).max(1);
+        let floor = ((1.0 - known).max(0.0) / rest as f32).max(1e-12);
+        let mut probabilities = vec![floor; self.classes];
+        for c in listed {
+            if let Some(p) = probabilities.get_mut(c.class_id) {
+                *p = c.probability;
+            }
+        }
+        log_probabilities(&probabilities, self.classes)
+    }
+}
+
+impl Oracle for HttpService {
+    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+        let mut scores = Vec::with_capacity(images.len());
+        for image in images {
+            let answer = self.classify(image)?;
+            scores.push(self.scores_of(&answer));
+        }
+        Ok(scores)
+    }
+}
