@@ -26,7 +26,7 @@ const START_BOUND: Duration = Duration::from_secs(180);
 const EXIT_BOUND: Duration = Duration::from_secs(60);
 /// Client requests sent at least (more if the restarts are not done yet);
 /// `PANDAGUARD_LB_REQUESTS` overrides.
-const DEFAULT_REQUESTS: usize = 2000;
+const DEFAULT_REQUESTS: usize = 3500;
 const CONCURRENCY: usize = 16;
 
 fn nginx() -> PathBuf {
@@ -257,7 +257,7 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {}: {e}", nginx_path.display()));
-    let _nginx_guard = ChildGuard(nginx_child);
+    let nginx_guard = ChildGuard(nginx_child);
     let lb: std::net::SocketAddr = ([127, 0, 0, 1], listen).into();
     let started = Instant::now();
     while get(lb, "/health/live").ok().map(|(s, _)| s) != Some(200) {
@@ -400,7 +400,14 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
     });
     let elapsed = load_started.elapsed();
     let restarts = restarter.join().expect("the restarting thread panicked");
-    drop(_nginx_guard); // flushes the access log
+    // Stop nginx gracefully (SIGQUIT) so every access-log line is written.
+    let mut nginx_child = nginx_guard;
+    let _ = Command::new("kill").args(["-s", "QUIT", &nginx_child.0.id().to_string()]).status();
+    let quit_started = Instant::now();
+    while nginx_child.0.try_wait().ok().flatten().is_none() && quit_started.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(nginx_child);
 
     // Who answered: the last upstream of each access-log line; lines naming several
     // upstreams were retried on another replica.
@@ -435,7 +442,9 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
         total as f64 / elapsed.as_secs_f64()
     );
     println!(
-        "  answered by {share:?}; retried on another replica by nginx: {retried} (failed attempts: {retry_statuses:?})"
+        "  nginx access log: {} /classify lines, answered by {share:?}; retried on another replica: {retried} \
+         (failed attempts: {retry_statuses:?})",
+        share.values().sum::<usize>()
     );
     for r in &restarts {
         println!(
