@@ -25,7 +25,7 @@ const SHUTDOWN_TIMEOUT_MS: &str = "10000";
 const START_BOUND: Duration = Duration::from_secs(180);
 const EXIT_BOUND: Duration = Duration::from_secs(60);
 /// Client requests sent at least (more if the restarts are not done yet);
-/// `PANDAGUARD_LB_REQUESTS` overrides.
+/// `LB_TEST_REQUESTS` overrides.
 const DEFAULT_REQUESTS: usize = 3500;
 const CONCURRENCY: usize = 16;
 
@@ -168,12 +168,31 @@ impl Drop for SetOnDrop {
     }
 }
 
+/// The nginx master. Dropping it stops nginx through the master (SIGQUIT: graceful,
+/// every access-log line written; SIGTERM after 10 s): a SIGKILL would leave the
+/// worker processes running, still listening.
 struct ChildGuard(Child);
+
+impl ChildGuard {
+    fn stop(&mut self) {
+        for (signal, patience) in [("QUIT", 10), ("TERM", 10)] {
+            if self.0.try_wait().ok().flatten().is_some() {
+                return;
+            }
+            let _ = Command::new("kill").args(["-s", signal, &self.0.id().to_string()]).status();
+            let started = Instant::now();
+            while self.0.try_wait().ok().flatten().is_none() && started.elapsed() < Duration::from_secs(patience) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 impl Drop for ChildGuard {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        self.stop();
     }
 }
 
@@ -213,7 +232,7 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
     let ports: Vec<u16> = (0..REPLICAS).map(|_| free_port()).collect();
     let listen = free_port();
     let min_requests: usize =
-        std::env::var("PANDAGUARD_LB_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_REQUESTS);
+        std::env::var("LB_TEST_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_REQUESTS);
 
     let fleet = Arc::new(Fleet { replicas: Mutex::new(Vec::new()), closed: AtomicBool::new(false) });
     let _fleet_guard = FleetGuard(Arc::clone(&fleet));
@@ -400,14 +419,9 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
     });
     let elapsed = load_started.elapsed();
     let restarts = restarter.join().expect("the restarting thread panicked");
-    // Stop nginx gracefully (SIGQUIT) so every access-log line is written.
-    let mut nginx_child = nginx_guard;
-    let _ = Command::new("kill").args(["-s", "QUIT", &nginx_child.0.id().to_string()]).status();
-    let quit_started = Instant::now();
-    while nginx_child.0.try_wait().ok().flatten().is_none() && quit_started.elapsed() < Duration::from_secs(20) {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    drop(nginx_child);
+    // Stop nginx gracefully so every access-log line is written.
+    let mut nginx_guard = nginx_guard;
+    nginx_guard.stop();
 
     // Who answered: the last upstream of each access-log line; lines naming several
     // upstreams were retried on another replica.
