@@ -16,7 +16,7 @@ CARGO ?= cargo
 
 .PHONY: setup models nginx build run test bench lint fmt clean
 
-setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES) nginx
+setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES)
 
 # Python side: ONNX Runtime (the library the binary loads), the converter's numpy+onnx,
 # the model weights and the sample photos. --no-deps: every package is pinned in
@@ -52,7 +52,7 @@ build:
 run: setup build
 	$(BINARY) serve --config config/default.toml
 
-test: setup
+test: setup nginx
 	$(CARGO) test --release --locked
 
 bench: setup

@@ -11,12 +11,15 @@ use crate::prediction::argmax;
 pub struct Member<'a> {
     pub model: &'a str,
     pub probabilities: Vec<f32>,
+    /// Views the member classified (plain + noisy).
+    pub views: usize,
 }
 
 /// The mean of the members' probabilities. All members share the label space.
 pub fn report(members: &[Member<'_>], labels: &Labels) -> DefenseReport {
     let probabilities = mean_probabilities(members.iter().map(|m| m.probabilities.as_slice()));
     let class_id = argmax(&probabilities);
+    let views = members.iter().map(|m| m.views).sum();
     let members = members
         .iter()
         .map(|m| {
@@ -35,7 +38,7 @@ pub fn report(members: &[Member<'_>], labels: &Labels) -> DefenseReport {
         label: Some(labels.name(class_id).to_string()),
         confidence: probabilities.get(class_id).copied().unwrap_or(0.0),
         abstained: false,
-        views: members.len(),
+        views,
         details: DefenseDetails::Ensemble(EnsembleDetails { members }),
         probabilities,
     }

@@ -181,6 +181,7 @@ impl Pipeline {
                         members.push(ensemble::Member {
                             model: &raw_model.card.name,
                             probabilities: mean_probabilities(views),
+                            views: 1 + noisy.len(),
                         });
                     }
                     for (model, result) in models.iter().zip(&results).skip(1) {
@@ -188,6 +189,7 @@ impl Pipeline {
                         members.push(ensemble::Member {
                             model: &model.card.name,
                             probabilities: mean_probabilities(views),
+                            views: result.probabilities.len(),
                         });
                     }
                     ensemble::report(&members, labels)
