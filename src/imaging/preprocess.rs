@@ -17,6 +17,10 @@ pub struct Region {
     pub height: f64,
 }
 
+/// Largest intermediate (resized, before the centre crop) image: 16 Mpx, 48 MB. Any
+/// photo of ordinary proportions stays far below; past it only the kept region is resized.
+const MAX_INTERMEDIATE_PIXELS: u64 = 16 << 20;
+
 /// Brings `image` to exactly the model's input size. An image that already has that
 /// size is returned untouched (no resampling), so a crafted perturbation at the
 /// model's resolution reaches the model exactly.
@@ -34,8 +38,21 @@ pub fn fit_to_input(image: &RgbImage, spec: &InputSpec) -> Result<RgbImage, Stri
             // arithmetic as models/convert/reference.py, so accuracy figures carry over.
             let target_short = (out_w.min(out_h) as f64 / spec.crop_fraction as f64).floor().max(1.0);
             let scale = target_short / width.min(height) as f64;
-            let resized_w = ((width as f64 * scale).round() as u32).max(out_w);
-            let resized_h = ((height as f64 * scale).round() as u32).max(out_h);
+            let resized_w = ((width as f64 * scale).round().min(f64::from(u32::MAX)) as u32).max(out_w);
+            let resized_h = ((height as f64 * scale).round().min(f64::from(u32::MAX)) as u32).max(out_h);
+            if u64::from(resized_w) * u64::from(resized_h) > MAX_INTERMEDIATE_PIXELS {
+                // An extreme aspect ratio (e.g. 10000×1) would need a gigapixel
+                // intermediate image: resize only the source region the crop keeps.
+                let (scale_x, scale_y) =
+                    (f64::from(resized_w) / f64::from(width), f64::from(resized_h) / f64::from(height));
+                let region = Region {
+                    left: f64::from((resized_w - out_w) / 2) / scale_x,
+                    top: f64::from((resized_h - out_h) / 2) / scale_y,
+                    width: f64::from(out_w) / scale_x,
+                    height: f64::from(out_h) / scale_y,
+                };
+                return resize_region(image, Some(region), out_w, out_h, spec.interpolation);
+            }
             let resized = resize_region(image, None, resized_w, resized_h, spec.interpolation)?;
             let left = (resized_w - out_w) / 2;
             let top = (resized_h - out_h) / 2;
@@ -146,6 +163,22 @@ mod tests {
     fn an_image_of_the_input_size_is_not_resampled() {
         let image = RgbImage::from_fn(8, 8, |x, y| Rgb([(x * 30) as u8, (y * 30) as u8, 7]));
         assert_eq!(fit_to_input(&image, &spec(8)).unwrap(), image);
+    }
+
+    #[test]
+    fn extreme_aspect_ratios_do_not_allocate_a_gigapixel_intermediate() {
+        // Resizing 16384×1 to a 256-pixel shorter side would make 4 Gpx; the region
+        // path gives the 14×14 centre directly, with the colours of the centre.
+        for (w, h) in [(16_384u32, 1u32), (1, 16_384), (10_000, 3)] {
+            let image = RgbImage::from_fn(w, h, |x, y| {
+                let along = if w > h { x * 255 / w } else { y * 255 / h };
+                Rgb([along as u8, 40, 200])
+            });
+            let out = fit_to_input(&image, &spec(14)).unwrap();
+            assert_eq!(out.dimensions(), (14, 14));
+            let centre = out.get_pixel(7, 7).0;
+            assert!((120..=135).contains(&centre[0]) && centre[1] == 40 && centre[2] == 200, "{w}×{h}: {centre:?}");
+        }
     }
 
     #[test]
