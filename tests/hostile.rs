@@ -287,6 +287,8 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
         .collect()
 }
 
+// One `push` per case, grouped under comments, reads better than one long `vec![]`.
+#[allow(clippy::vec_init_then_push)]
 fn cases() -> Vec<Case> {
     let (jpeg, class) = thatch();
     let photo = DynamicImage::ImageRgb8(thatch_rgb());
@@ -635,7 +637,7 @@ fn rss_kib(field: &str) -> u64 {
 }
 
 /// Peak resident memory of the whole test process (server, models, ONNX Runtime,
-/// test fixtures) over the suite. Measured here: about N MiB (VmHWM); the bound
+/// test fixtures) over the suite. Measured here: 560 MiB peak (VmHWM), 446 MiB after the suite; the bound
 /// leaves room for a loaded machine and allocator differences, and is far below what
 /// one unbounded bomb would take (60000 × 60000 RGB = 10 GB).
 const PEAK_RSS_BOUND_MIB: u64 = 1536;
