@@ -942,7 +942,7 @@ fn write_report(report: &EvaluationReport, out: &Path) -> Result<(), String> {
         md.push_str("\n## Adaptive attacks beside transfer, on the same photos\n\nThe adaptive attacker queries the defended pipeline itself (fresh randomness on every answer), averages each query over `eot` draws (EOT), and starts from the transfer example; a photo counts as robust only when the defended answer is right on both the transfer and the adaptive example (judged with fresh seeds). Abstentions count as errors.\n\n| preset | attack | ε | photos | clean defended | transfer robust | adaptive robust | queries × EOT | median queries to success | abstained | suspicious | minutes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for a in &report.adaptive {
             md.push_str(&format!(
-                "| {} | {} | {:.0}/255 | {} | {} | {} | {} | {} × {} | {:.0} | {} | {} | {:.1} |\n",
+                "| {} | {} | {:.0}/255 | {} | {} | {} | {} | {} × {} | {} | {} | {} | {:.1} |\n",
                 a.preset,
                 a.attack,
                 a.epsilon * 255.0,
@@ -952,7 +952,7 @@ fn write_report(report: &EvaluationReport, out: &Path) -> Result<(), String> {
                 percent(a.adaptive_correct, a.images),
                 a.queries,
                 a.eot,
-                a.median_queries,
+                if a.median_queries.is_nan() { "–".to_string() } else { format!("{:.0}", a.median_queries) },
                 a.abstained,
                 a.suspicious,
                 a.seconds / 60.0
