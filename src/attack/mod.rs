@@ -76,3 +76,15 @@ pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
     let log_sum = logits.iter().map(|&z| (z - max).exp()).sum::<f32>().ln() + max;
     logits.iter().map(|&z| z - log_sum).collect()
 }
+
+/// L∞ and L2 distances between two equally long value vectors (images in [0, 1] units).
+/// The squares are summed in f64: 150,528 values of a 224×224 image lose precision in f32.
+pub fn distances(a: &[f32], b: &[f32]) -> (f32, f32) {
+    let (mut linf, mut l2_squared) = (0.0f32, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let d = (x - y).abs();
+        linf = linf.max(d);
+        l2_squared += f64::from(d) * f64::from(d);
+    }
+    (linf, l2_squared.sqrt() as f32)
+}

@@ -140,19 +140,14 @@ pub fn square_attack(
         Norm::L2 => l2_attack(&mut search, &image.data, config, &mut rng)?,
     }
 
-    let (mut linf, mut l2_squared) = (0.0f32, 0.0f64);
-    for (&a, &x) in search.best.iter().zip(&image.data) {
-        let d = (a - x).abs();
-        linf = linf.max(d);
-        l2_squared += f64::from(d) * f64::from(d);
-    }
+    let (linf, l2) = super::distances(&search.best, &image.data);
     Ok(AttackOutcome {
         adversarial: ModelImage { width: image.width, height: image.height, data: search.best },
         success: search.best_margin < 0.0,
         queries: search.queries,
         margin: search.best_margin,
         linf,
-        l2: l2_squared.sqrt() as f32,
+        l2,
         margin_history: search.history,
     })
 }

@@ -216,7 +216,7 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
         Goal::Targeted { target } => attacked_answer == Some(target),
         Goal::Untargeted { true_class } => attacked_answer != Some(true_class),
     };
-    let (linf, l2) = distances(&clean, &written);
+    let (linf, l2) = crate::attack::distances(&clean.data, &written.data);
     Ok(AttackReport {
         image: options.image.display().to_string(),
         out: options.out.display().to_string(),
@@ -313,17 +313,6 @@ pub fn resolve_label(text: &str, labels: &Labels) -> Result<usize, String> {
 
 fn argmax(scores: &[f32]) -> usize {
     scores.iter().enumerate().max_by(|a, b| a.1.total_cmp(b.1)).map_or(0, |(i, _)| i)
-}
-
-/// L∞ and L2 distances between two images of one size, in [0, 1] units.
-pub fn distances(a: &ModelImage, b: &ModelImage) -> (f32, f32) {
-    let (mut linf, mut l2) = (0.0f32, 0.0f64);
-    for (x, y) in a.data.iter().zip(&b.data) {
-        let d = (x - y).abs();
-        linf = linf.max(d);
-        l2 += f64::from(d) * f64::from(d);
-    }
-    (linf, l2.sqrt() as f32)
 }
 
 /// A query counter on stderr (hidden when stderr is not a terminal).
