@@ -106,6 +106,10 @@ enum Command {
         /// Presets attacked adaptively [default: every preset but none].
         #[arg(long, value_delimiter = ',')]
         adaptive_presets: Vec<String>,
+        /// The adaptive attacker fixes the defense's noise: every candidate is scored
+        /// under the same --eot seeds (common random numbers) instead of fresh draws.
+        #[arg(long)]
+        fixed_noise: bool,
     },
     /// Attack one photo (Square or NES, optionally with EOT) against the raw model, a
     /// defended preset in-process, or a running server (`--url`); writes the adversarial
@@ -138,6 +142,15 @@ enum Command {
         url: Option<String>,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Square Attack's initial fraction of changed pixels [default: the paper's,
+        /// 0.05 for L∞ and 0.1 for L2].
+        #[arg(long)]
+        p_init: Option<f32>,
+        /// Fix the defense's noise: every candidate is scored under the same --eot seeds
+        /// (common random numbers) instead of fresh draws; success is still judged with
+        /// a seed the attack never used.
+        #[arg(long)]
+        fixed_noise: bool,
         /// Raw model (default: the configured or served default).
         #[arg(long)]
         model: Option<String>,
@@ -218,6 +231,7 @@ pub fn main() -> ExitCode {
             certify_samples,
             p_init,
             adaptive_presets,
+            fixed_noise,
         } => {
             let epsilons = match eps.iter().map(|e| parse_fraction(e)).collect::<Result<Vec<_>, _>>() {
                 Ok(epsilons) => epsilons,
@@ -248,6 +262,7 @@ pub fn main() -> ExitCode {
                 certify_samples,
                 p_init: Some(p_init),
                 adaptive_presets,
+                fixed_noise,
             };
             match crate::redteam::evaluate::run(&runtime, config, &options) {
                 Ok(_) => {
@@ -257,7 +272,22 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Attack { image, out, target, eps, norm, method, queries, against, eot, url, seed, model } => {
+        Command::Attack {
+            image,
+            out,
+            target,
+            eps,
+            norm,
+            method,
+            queries,
+            against,
+            eot,
+            url,
+            seed,
+            p_init,
+            fixed_noise,
+            model,
+        } => {
             let epsilon = match parse_fraction(&eps) {
                 Ok(epsilon) => epsilon,
                 Err(e) => return fail(&e),
@@ -280,6 +310,8 @@ pub fn main() -> ExitCode {
                 eot,
                 url,
                 seed,
+                p_init,
+                fixed_noise,
                 model,
             };
             match crate::redteam::attack::run(&runtime, config, &options) {

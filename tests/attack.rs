@@ -141,6 +141,26 @@ fn eot_attacks_the_randomized_defense_through_k_fresh_draws_per_query() {
     assert_eq!(report["oracle_queries"].as_u64().unwrap(), 4 + 4 * queries + 1, "{report}");
 }
 
+/// With `--fixed-noise` the attacker scores every candidate under the same EOT seeds
+/// (the API lets a client choose `seed`); success is still judged with an unused seed.
+#[test]
+fn fixed_noise_attacks_score_every_candidate_under_the_same_draws() {
+    let dir = scratch("attack-fixed-noise");
+    let config = tiny_model(&dir);
+    let grey = grey_png(&dir, 115);
+    let report = attack(
+        Some(&config),
+        &grey,
+        &dir.join("fixed.png"),
+        &["--against", "default", "--eot", "2", "--fixed-noise", "--eps", "20/255", "--queries", "400"],
+    );
+    assert_eq!(report["fixed_noise"], true, "{report}");
+    assert_eq!(report["success"], true, "{report}");
+    assert_eq!(report["defended"]["label"], "dark");
+    let queries = report["queries"].as_u64().unwrap();
+    assert_eq!(report["oracle_queries"].as_u64().unwrap(), 2 + 2 * queries + 1, "{report}");
+}
+
 /// The real model over HTTP: the attack only talks to `POST /classify` of a running
 /// server, counts its requests, and the PNG it writes fools that server.
 #[test]

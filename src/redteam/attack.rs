@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::oracle::{Answer, DefendedPipeline, HttpService, RawModel, as_png};
+use super::oracle::{Answer, DefendedPipeline, HttpService, RawModel, Seeds, as_png};
 use crate::api::ClassifyResponse;
 use crate::attack::eot::Eot;
 use crate::attack::nes::{NesConfig, nes_attack};
@@ -47,6 +47,10 @@ pub struct AttackOptions {
     /// Attack a running server through `POST /classify` instead of in-process.
     pub url: Option<String>,
     pub seed: u64,
+    /// Square Attack's initial fraction of changed pixels (`None`: the paper's).
+    pub p_init: Option<f32>,
+    /// Score every candidate under the same `eot` seeds ([`Seeds::Fixed`]).
+    pub fixed_noise: bool,
     /// Raw model (default: the configured default, or the server's first model).
     pub model: Option<String>,
 }
@@ -68,6 +72,8 @@ pub struct AttackReport {
     pub epsilon: f32,
     pub against: String,
     pub eot: usize,
+    /// The same `eot` seeds scored every candidate (fixed noise) instead of fresh draws.
+    pub fixed_noise: bool,
     pub mode: &'static str,
     pub target: Option<Label>,
     /// The attacked system's answer on the clean image.
@@ -149,6 +155,7 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
     // is on the raw model (so the answer shows what the defenses make of it).
     let check_defense = if against_raw { "default".to_string() } else { defense.clone() };
     let check_seed = u64::MAX / 2 + options.seed;
+    let fixed = Seeds::Fixed { base: options.seed << 20, period: options.eot as u64 };
     let (mut oracle, mut checker) = match &target {
         Target::Local { pipeline, runtime } => {
             let check = [("defense", check_defense.as_str()), ("model", model_name.as_str())];
@@ -158,12 +165,8 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
                 Attacked::Raw(RawModel::new(Arc::clone(model)))
             } else {
                 let params = [("defense", defense.as_str()), ("model", model_name.as_str())];
-                Attacked::Pipeline(DefendedPipeline::new(
-                    Arc::clone(pipeline),
-                    runtime.clone(),
-                    &params,
-                    options.seed << 20,
-                )?)
+                let oracle = DefendedPipeline::new(Arc::clone(pipeline), runtime.clone(), &params, options.seed << 20)?;
+                Attacked::Pipeline(if options.fixed_noise { oracle.with_seeds(fixed) } else { oracle })
             };
             (oracle, Checker::Pipeline(checker))
         }
@@ -173,6 +176,7 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
             let check = vec![("defense".to_string(), check_defense.clone()), ("model".to_string(), model_name.clone())];
             let checker = HttpService::new(url, check, Answer::Defended, labels.len(), check_seed);
             let oracle = HttpService::new(url, params, answer, labels.len(), options.seed << 20);
+            let oracle = if options.fixed_noise { oracle.with_seeds(fixed) } else { oracle };
             (Attacked::Http(oracle), Checker::Http(checker))
         }
     };
@@ -193,7 +197,8 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
         };
         let outcome = match options.method {
             Method::Square => {
-                let config = SquareConfig::new(options.norm, options.epsilon, options.queries, options.seed);
+                let mut config = SquareConfig::new(options.norm, options.epsilon, options.queries, options.seed);
+                config.p_init = options.p_init.unwrap_or(config.p_init);
                 square_attack(&mut eot, &clean, &goal, &config, &mut progress)?
             }
             Method::Nes => {
@@ -225,6 +230,7 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
         epsilon: options.epsilon,
         against: options.against.clone(),
         eot: options.eot,
+        fixed_noise: options.fixed_noise,
         mode: if options.url.is_some() { "http" } else { "in-process" },
         target: goal_target.map(|t| label(Some(t), &labels)),
         original: label(Some(original_class), &labels),

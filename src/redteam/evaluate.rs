@@ -14,7 +14,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 
 use super::charts;
-use super::oracle::{DefendedPipeline, RawModel};
+use super::oracle::{DefendedPipeline, RawModel, Seeds};
 use crate::api::ClassifyResponse;
 use crate::attack::Goal;
 use crate::attack::eot::Eot;
@@ -62,6 +62,9 @@ pub struct EvaluateOptions {
     pub p_init: Option<f32>,
     /// Presets attacked adaptively (empty: every preset but `none`).
     pub adaptive_presets: Vec<String>,
+    /// The adaptive attacker fixes the defense's noise (the API's `seed`): every
+    /// candidate is scored under the same `eot` draws ([`Seeds::Fixed`]).
+    pub fixed_noise: bool,
 }
 
 /// One attack of `--attacks`.
@@ -138,6 +141,10 @@ pub struct AdaptiveResult {
     /// Attack iterations allowed; each is `eot` defended answers.
     pub queries: usize,
     pub eot: usize,
+    /// The attacker fixed the defense's noise (same `eot` seeds for every candidate)
+    /// instead of drawing fresh noise per query; judged with unused seeds either way.
+    #[serde(default)]
+    pub fixed_noise: bool,
     /// Photos attacked (the first ones the raw model classifies correctly).
     pub images: usize,
     /// Defended answer right on the clean photo.
@@ -598,6 +605,7 @@ fn adaptive(
         epsilon,
         queries: options.adaptive_queries,
         eot: options.eot,
+        fixed_noise: options.fixed_noise,
         images: photos.len(),
         clean_correct: 0,
         transfer_correct: 0,
@@ -624,12 +632,12 @@ fn adaptive(
         };
         result.transfer_correct += usize::from(transfer_ok);
 
-        let mut oracle = DefendedPipeline::new(
-            Arc::clone(pipeline),
-            runtime.handle().clone(),
-            &[("defense", preset)],
-            (options.seed + index as u64) << 24,
-        )?;
+        let attack_seed = (options.seed + index as u64) << 24;
+        let mut oracle =
+            DefendedPipeline::new(Arc::clone(pipeline), runtime.handle().clone(), &[("defense", preset)], attack_seed)?;
+        if options.fixed_noise {
+            oracle = oracle.with_seeds(Seeds::Fixed { base: attack_seed, period: options.eot as u64 });
+        }
         let mut eot = Eot::new(&mut oracle, options.eot);
         let goal = Goal::Untargeted { true_class: sample.class_id };
         let seed = options.seed + index as u64;
@@ -939,10 +947,10 @@ fn write_report(report: &EvaluationReport, out: &Path) -> Result<(), String> {
         ));
     }
     if !report.adaptive.is_empty() {
-        md.push_str("\n## Adaptive attacks beside transfer, on the same photos\n\nThe adaptive attacker queries the defended pipeline itself (fresh randomness on every answer), averages each query over `eot` draws (EOT), and starts from the transfer example; a photo counts as robust only when the defended answer is right on both the transfer and the adaptive example (judged with fresh seeds). Abstentions count as errors.\n\n| preset | attack | ε | photos | clean defended | transfer robust | adaptive robust | queries × EOT | median queries to success | abstained | suspicious | minutes |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+        md.push_str("\n## Adaptive attacks beside transfer, on the same photos\n\nThe adaptive attacker queries the defended pipeline itself, averages each query over `eot` draws of the defense's randomness (EOT) — fresh draws on every answer, or the same `eot` seeds for every candidate when the noise column says fixed (the API lets a client choose `seed`) — and Square starts from the transfer example; a photo counts as robust only when the defended answer is right on both the transfer and the adaptive example (judged with fresh seeds). Abstentions count as errors.\n\n| preset | attack | ε | photos | clean defended | transfer robust | adaptive robust | queries × EOT | noise | median queries to success | abstained | suspicious | minutes |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
         for a in &report.adaptive {
             md.push_str(&format!(
-                "| {} | {} | {:.0}/255 | {} | {} | {} | {} | {} × {} | {} | {} | {} | {:.1} |\n",
+                "| {} | {} | {:.0}/255 | {} | {} | {} | {} | {} × {} | {} | {} | {} | {} | {:.1} |\n",
                 a.preset,
                 a.attack,
                 a.epsilon * 255.0,
@@ -952,6 +960,7 @@ fn write_report(report: &EvaluationReport, out: &Path) -> Result<(), String> {
                 percent(a.adaptive_correct, a.images),
                 a.queries,
                 a.eot,
+                if a.fixed_noise { "fixed" } else { "fresh" },
                 if a.median_queries.is_nan() { "–".to_string() } else { format!("{:.0}", a.median_queries) },
                 a.abstained,
                 a.suspicious,

@@ -71,16 +71,49 @@ fn log_probabilities(probabilities: &[f32], classes: usize) -> Vec<f32> {
     probabilities.iter().map(|&p| p.max(1e-12).ln()).collect()
 }
 
+/// How an oracle seeds the defense's randomness (the API's `seed`) for the images it sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seeds {
+    /// A new seed for every image, starting at this one: every query draws new noise,
+    /// as a client that leaves the seed to the service sees it.
+    Fresh(u64),
+    /// The j-th image of every call gets seed `base + j mod period`: with `period` = the
+    /// EOT draws, every candidate is scored under the same `period` draws of noise
+    /// ("common random numbers"). Comparing two candidates then measures the change
+    /// the attack made, not the noise, so a greedy search is not misled by lucky draws.
+    /// Any client that may send `seed` can do this; success is still judged with a
+    /// seed the attack never used.
+    Fixed { base: u64, period: u64 },
+}
+
+impl Seeds {
+    /// The seeds of the next `count` images.
+    fn take(&mut self, count: usize) -> Vec<u64> {
+        match self {
+            Seeds::Fresh(next) => (0..count)
+                .map(|_| {
+                    let seed = *next;
+                    *next = next.wrapping_add(1);
+                    seed
+                })
+                .collect(),
+            Seeds::Fixed { base, period } => {
+                (0..count as u64).map(|j| base.wrapping_add(j % (*period).max(1))).collect()
+            }
+        }
+    }
+}
+
 /// The whole defended pipeline in-process (decode, views, batched engine runs,
-/// combination), scored by its defended probabilities; each image classified with a fresh seed: every query draws new noise,
-/// as a client of the service would see. The images of one call are classified
+/// combination), scored by its defended probabilities, seeded by [`Seeds`] (fresh by
+/// default, as a client of the service sees it). The images of one call are classified
 /// concurrently, so their views share engine batches. Blocking: call from a plain thread.
 pub struct DefendedPipeline {
     pipeline: Arc<crate::pipeline::Pipeline>,
     runtime: tokio::runtime::Handle,
     params: crate::params::ClassifyParams,
     classes: usize,
-    next_seed: u64,
+    seeds: Seeds,
     /// Images classified so far.
     pub queries: usize,
 }
@@ -98,7 +131,13 @@ impl DefendedPipeline {
         let raw = params.model.clone().unwrap_or_else(|| pipeline.config().models.default.clone());
         let classes =
             pipeline.registry().get(&raw).map(|m| m.card.num_classes).ok_or(format!("model {raw} is not loaded"))?;
-        Ok(Self { pipeline, runtime, params, classes, next_seed: seed, queries: 0 })
+        Ok(Self { pipeline, runtime, params, classes, seeds: Seeds::Fresh(seed), queries: 0 })
+    }
+
+    /// Seeds the defense as `seeds` says instead of freshly from `seed`.
+    pub fn with_seeds(mut self, seeds: Seeds) -> Self {
+        self.seeds = seeds;
+        self
     }
 
     /// The full answer for one image (a fresh seed; counts as a query).
@@ -108,10 +147,9 @@ impl DefendedPipeline {
 
     fn classify_all(&mut self, images: &[ModelImage]) -> Result<Vec<crate::api::ClassifyResponse>, String> {
         let mut requests = Vec::with_capacity(images.len());
-        for image in images {
+        for (image, seed) in images.iter().zip(self.seeds.take(images.len())) {
             let mut params = self.params.clone();
-            params.seed = Some(self.next_seed);
-            self.next_seed = self.next_seed.wrapping_add(1);
+            params.seed = Some(seed);
             requests.push((as_png(image)?, params));
         }
         let pipeline = Arc::clone(&self.pipeline);
@@ -154,7 +192,8 @@ impl Oracle for DefendedPipeline {
 /// A running pandaguard server, attacked through `POST /classify` only: a black-box test
 /// of a deployment. Scores come from the answer's `top_k` (the service lists at most 20
 /// classes); the probability mass it leaves out is spread evenly over the other classes,
-/// a floor that keeps the margin finite. Each query sends a fresh random `seed`.
+/// a floor that keeps the margin finite. Each query sends a `seed` ([`Seeds`]; fresh
+/// by default).
 pub struct HttpService {
     agent: ureq::Agent,
     classify_url: String,
@@ -162,7 +201,7 @@ pub struct HttpService {
     params: Vec<(String, String)>,
     answer: Answer,
     classes: usize,
-    next_seed: u64,
+    seeds: Seeds,
     /// Requests sent so far.
     pub queries: usize,
     /// Time spent waiting for the server.
@@ -181,7 +220,22 @@ impl HttpService {
             .build()
             .new_agent();
         let classify_url = format!("{}/classify", base_url.trim_end_matches('/'));
-        Self { agent, classify_url, params, answer, classes, next_seed: seed, queries: 0, elapsed: Duration::ZERO }
+        Self {
+            agent,
+            classify_url,
+            params,
+            answer,
+            classes,
+            seeds: Seeds::Fresh(seed),
+            queries: 0,
+            elapsed: Duration::ZERO,
+        }
+    }
+
+    /// Seeds the defense as `seeds` says instead of freshly from `seed`.
+    pub fn with_seeds(mut self, seeds: Seeds) -> Self {
+        self.seeds = seeds;
+        self
     }
 
     /// The model cards the server lists (`GET /models`).
@@ -192,11 +246,14 @@ impl HttpService {
         serde_json::from_str(&text).map_err(|e| format!("GET {url}: not a model list: {e}"))
     }
 
-    /// The full answer for one image (a fresh seed; counts as a query).
+    /// The full answer for one image (counts as a query).
     pub fn classify(&mut self, image: &ModelImage) -> Result<crate::api::ClassifyResponse, String> {
+        let seed = self.seeds.take(1)[0];
+        self.classify_seeded(image, seed)
+    }
+
+    fn classify_seeded(&mut self, image: &ModelImage, seed: u64) -> Result<crate::api::ClassifyResponse, String> {
         let png = as_png(image)?;
-        let seed = self.next_seed;
-        self.next_seed = self.next_seed.wrapping_add(1);
         let started = Instant::now();
         let mut request = self.agent.post(&self.classify_url);
         for (key, value) in &self.params {
@@ -242,10 +299,33 @@ impl HttpService {
 impl Oracle for HttpService {
     fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
         let mut scores = Vec::with_capacity(images.len());
-        for image in images {
-            let answer = self.classify(image)?;
+        for (image, seed) in images.iter().zip(self.seeds.take(images.len())) {
+            let answer = self.classify_seeded(image, seed)?;
             scores.push(self.scores_of(&answer));
         }
         Ok(scores)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Seeds;
+
+    #[test]
+    fn fresh_seeds_never_repeat_across_calls() {
+        let mut seeds = Seeds::Fresh(10);
+        assert_eq!(seeds.take(3), [10, 11, 12]);
+        assert_eq!(seeds.take(2), [13, 14]);
+    }
+
+    #[test]
+    fn fixed_seeds_repeat_the_same_draws_for_every_candidate() {
+        let mut seeds = Seeds::Fixed { base: 100, period: 3 };
+        // One candidate scored under 3 draws, then two candidates in one batch.
+        assert_eq!(seeds.take(3), [100, 101, 102]);
+        assert_eq!(seeds.take(6), [100, 101, 102, 100, 101, 102]);
+        // EOT 1: every candidate sees the same noise.
+        let mut single = Seeds::Fixed { base: 7, period: 1 };
+        assert_eq!(single.take(1), single.take(1));
     }
 }
