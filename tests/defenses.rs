@@ -138,6 +138,29 @@ async fn the_same_seed_gives_the_same_answer() {
     assert_ne!(unseeded.seed, 0, "a fresh seed is drawn and reported");
 }
 
+/// A deployment facing attackers keeps the noise to itself: with
+/// `defense.allow_client_seed = false` a request naming a seed is refused, and
+/// unseeded answers still draw (and report) fresh noise.
+#[tokio::test]
+async fn a_server_can_refuse_client_seeds() {
+    let mut config = test_config(&["efficientnet-lite0"]);
+    config.defense.allow_client_seed = false;
+    let server = TestServer::start(config);
+    let (image, _) = photo("imagenet_16_251.jpg");
+    let response = client().post(server.url("/classify?seed=42")).body(image.clone()).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let error: ErrorResponse = response.json().await.unwrap();
+    assert_eq!(error.error.code, "invalid_parameter");
+    assert!(error.error.message.contains("allow_client_seed"), "{}", error.error.message);
+    let mut seeds = Vec::new();
+    for _ in 0..2 {
+        let response = client().post(server.url("/classify?defense=default")).body(image.clone()).send().await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        seeds.push(response.json::<ClassifyResponse>().await.unwrap().seed);
+    }
+    assert_ne!(seeds[0], seeds[1], "every answer draws its own noise");
+}
+
 #[tokio::test]
 async fn a_clean_confident_photo_settles_before_the_sample_budget() {
     let (image, class) = photo("imagenet_08_915.jpg");

@@ -120,6 +120,13 @@ pub struct DefenseConfig {
     /// `suspicious` when the L1 distance between the raw and defended probability
     /// vectors exceeds this (set on clean images for a 5% false-positive rate).
     pub squeeze_threshold: f32,
+    /// Whether an HTTP request may choose the defenses' `seed`. Reproducible answers
+    /// help debugging, but a client that fixes the seed fixes the noise a randomized
+    /// defense relies on: an attacker then optimises against known draws (README "Red
+    /// team", fixed noise). With `false` a request naming a seed gets 422 and every
+    /// answer draws its own noise; the offline tools (`classify`, `evaluate`, `attack`
+    /// in-process) are the operator's and still seed as they are told.
+    pub allow_client_seed: bool,
     pub limits: DefenseLimits,
     pub presets: BTreeMap<String, DefenseSettings>,
 }
@@ -139,7 +146,13 @@ impl Default for DefenseConfig {
                 DefenseSettings { defenses: vec![Smooth, Ensemble], samples: 128, ensemble_samples: 32, ..base },
             ),
         ]);
-        Self { default_preset: "default".into(), squeeze_threshold: 0.97, limits: DefenseLimits::default(), presets }
+        Self {
+            default_preset: "default".into(),
+            squeeze_threshold: 0.97,
+            allow_client_seed: true,
+            limits: DefenseLimits::default(),
+            presets,
+        }
     }
 }
 

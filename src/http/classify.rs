@@ -74,6 +74,12 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
         .cloned()
         .ok_or_else(|| ApiError::Internal("request context missing".into()))?;
     let params = ClassifyParams::from_query(request.uri().query(), state.config())?;
+    if params.seed.is_some() && !state.config().defense.allow_client_seed {
+        return Err(ApiError::invalid_parameter(
+            "seed",
+            "this server draws the defenses' noise itself (defense.allow_client_seed = false)",
+        ));
+    }
     let pipeline = state.pipeline()?;
     let timeout = pipeline.request_timeout();
     let deadline = tokio::time::Instant::from_std(context.arrived + timeout);
