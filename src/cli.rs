@@ -114,49 +114,79 @@ enum Command {
     /// Attack one photo (Square or NES, optionally with EOT) against the raw model, a
     /// defended preset in-process, or a running server (`--url`); writes the adversarial
     /// PNG at the model's input size and prints one JSON line.
-    Attack {
-        image: PathBuf,
-        /// Where to write the adversarial PNG.
-        #[arg(long)]
-        out: PathBuf,
-        /// Class name or id to reach (default: untargeted, any other answer).
-        #[arg(long)]
-        target: Option<String>,
-        /// Budget: a fraction like 4/255 or a decimal, in [0,1] pixel units.
-        #[arg(long, default_value = "4/255")]
-        eps: String,
-        #[arg(long, value_enum, default_value = "linf")]
-        norm: NormArg,
-        #[arg(long, value_enum, default_value = "square")]
-        method: MethodArg,
-        #[arg(long, default_value_t = 1000)]
-        queries: usize,
-        /// `raw`, `defended` (the `default` preset) or a preset / comma list of defenses.
-        #[arg(long, default_value = "raw")]
-        against: String,
-        /// Draws of the defense's randomness averaged per query (expectation over transformation).
-        #[arg(long, default_value_t = 1)]
-        eot: usize,
-        /// Attack a running server, e.g. http://localhost:8080, through POST /classify only.
-        #[arg(long)]
-        url: Option<String>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Square Attack's initial fraction of changed pixels [default: the paper's,
-        /// 0.05 for L∞ and 0.1 for L2].
-        #[arg(long)]
-        p_init: Option<f32>,
-        /// Fix the defense's noise: every candidate is scored under the same --eot seeds
-        /// (common random numbers) instead of fresh draws; success is still judged with
-        /// a seed the attack never used.
-        #[arg(long)]
-        fixed_noise: bool,
-        /// Raw model (default: the configured or served default).
-        #[arg(long)]
-        model: Option<String>,
-    },
+    Attack(AttackArgs),
     /// List the configured models and check their files.
     Models,
+}
+
+#[derive(clap::Args)]
+struct AttackArgs {
+    image: PathBuf,
+    /// Where to write the adversarial PNG.
+    #[arg(long)]
+    out: PathBuf,
+    /// Class name or id to reach (default: untargeted, any other answer).
+    #[arg(long)]
+    target: Option<String>,
+    /// Budget: a fraction like 4/255 or a decimal, in [0,1] pixel units.
+    #[arg(long, default_value = "4/255")]
+    eps: String,
+    #[arg(long, value_enum, default_value = "linf")]
+    norm: NormArg,
+    #[arg(long, value_enum, default_value = "square")]
+    method: MethodArg,
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
+    /// `raw`, `defended` (the `default` preset) or a preset / comma list of defenses.
+    #[arg(long, default_value = "raw")]
+    against: String,
+    /// Draws of the defense's randomness averaged per query (expectation over transformation).
+    #[arg(long, default_value_t = 1)]
+    eot: usize,
+    /// Attack a running server, e.g. http://localhost:8080, through POST /classify only.
+    #[arg(long)]
+    url: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Square Attack's initial fraction of changed pixels [default: the paper's,
+    /// 0.05 for L∞ and 0.1 for L2].
+    #[arg(long)]
+    p_init: Option<f32>,
+    /// Fix the defense's noise: every candidate is scored under the same --eot seeds
+    /// (common random numbers) instead of fresh draws; success is still judged with
+    /// a seed the attack never used.
+    #[arg(long)]
+    fixed_noise: bool,
+    /// Raw model (default: the configured or served default).
+    #[arg(long)]
+    model: Option<String>,
+}
+
+impl AttackArgs {
+    fn into_options(self) -> Result<AttackOptions, String> {
+        Ok(AttackOptions {
+            image: self.image,
+            out: self.out,
+            target: self.target,
+            epsilon: parse_fraction(&self.eps)?,
+            norm: match self.norm {
+                NormArg::Linf => Norm::Linf,
+                NormArg::L2 => Norm::L2,
+            },
+            method: match self.method {
+                MethodArg::Square => Method::Square,
+                MethodArg::Nes => Method::Nes,
+            },
+            queries: self.queries,
+            against: self.against,
+            eot: self.eot,
+            url: self.url,
+            seed: self.seed,
+            p_init: self.p_init,
+            fixed_noise: self.fixed_noise,
+            model: self.model,
+        })
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -272,47 +302,10 @@ pub fn main() -> ExitCode {
                 Err(e) => fail(&e),
             }
         }
-        Command::Attack {
-            image,
-            out,
-            target,
-            eps,
-            norm,
-            method,
-            queries,
-            against,
-            eot,
-            url,
-            seed,
-            p_init,
-            fixed_noise,
-            model,
-        } => {
-            let epsilon = match parse_fraction(&eps) {
-                Ok(epsilon) => epsilon,
+        Command::Attack(args) => {
+            let options = match args.into_options() {
+                Ok(options) => options,
                 Err(e) => return fail(&e),
-            };
-            let options = AttackOptions {
-                image,
-                out,
-                target,
-                epsilon,
-                norm: match norm {
-                    NormArg::Linf => Norm::Linf,
-                    NormArg::L2 => Norm::L2,
-                },
-                method: match method {
-                    MethodArg::Square => Method::Square,
-                    MethodArg::Nes => Method::Nes,
-                },
-                queries,
-                against,
-                eot,
-                url,
-                seed,
-                p_init,
-                fixed_noise,
-                model,
             };
             match crate::redteam::attack::run(&runtime, config, &options) {
                 Ok(report) => match serde_json::to_string(&report) {
