@@ -162,10 +162,14 @@ fn fixed_noise_attacks_score_every_candidate_under_the_same_draws() {
 }
 
 /// The real model over HTTP: the attack only talks to `POST /classify` of a running
-/// server, counts its requests, and the PNG it writes fools that server.
+/// server (one that refuses client seeds), counts its requests, and the PNG it writes
+/// fools that server.
 #[test]
 fn url_mode_attacks_a_running_server_through_its_api() {
-    let server = TestServer::start(test_config(&["efficientnet-lite0"]));
+    // A hardened deployment: the attack must work without choosing seeds.
+    let mut config = test_config(&["efficientnet-lite0"]);
+    config.defense.allow_client_seed = false;
+    let server = TestServer::start(config);
     let base = server.url("");
     let base = base.trim_end_matches('/');
     let dir = scratch("attack-url");

@@ -174,8 +174,8 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
             let answer = if against_raw { Answer::Raw } else { Answer::Defended };
             let params = vec![("defense".to_string(), defense.clone()), ("model".to_string(), model_name.clone())];
             let check = vec![("defense".to_string(), check_defense.clone()), ("model".to_string(), model_name.clone())];
-            let checker = HttpService::new(url, check, Answer::Defended, labels.len(), check_seed);
-            let oracle = HttpService::new(url, params, answer, labels.len(), options.seed << 20);
+            let checker = HttpService::new(url, check, Answer::Defended, labels.len());
+            let oracle = HttpService::new(url, params, answer, labels.len());
             let oracle = if options.fixed_noise { oracle.with_seeds(fixed) } else { oracle };
             (Attacked::Http(oracle), Checker::Http(checker))
         }

@@ -192,8 +192,10 @@ impl Oracle for DefendedPipeline {
 /// A running pandaguard server, attacked through `POST /classify` only: a black-box test
 /// of a deployment. Scores come from the answer's `top_k` (the service lists at most 20
 /// classes); the probability mass it leaves out is spread evenly over the other classes,
-/// a floor that keeps the margin finite. Each query sends a `seed` ([`Seeds`]; fresh
-/// by default).
+/// a floor that keeps the margin finite. By default no `seed` is sent: the service
+/// draws its own noise for every answer, as for any client, and a server that refuses
+/// client seeds (`defense.allow_client_seed = false`) can be attacked too;
+/// [`HttpService::with_seeds`] sends seeds (e.g. fixed noise).
 pub struct HttpService {
     agent: ureq::Agent,
     classify_url: String,
@@ -201,7 +203,8 @@ pub struct HttpService {
     params: Vec<(String, String)>,
     answer: Answer,
     classes: usize,
-    seeds: Seeds,
+    /// `None`: the service draws the noise.
+    seeds: Option<Seeds>,
     /// Requests sent so far.
     pub queries: usize,
     /// Time spent waiting for the server.
@@ -213,29 +216,28 @@ const HTTP_TOP_K: usize = 20;
 
 impl HttpService {
     /// `base_url` like `http://host:8080`; `classes` from the model card (`GET /models`).
-    pub fn new(base_url: &str, params: Vec<(String, String)>, answer: Answer, classes: usize, seed: u64) -> Self {
+    pub fn new(base_url: &str, params: Vec<(String, String)>, answer: Answer, classes: usize) -> Self {
         let agent = ureq::Agent::config_builder()
             .timeout_global(Some(Duration::from_secs(120)))
             .http_status_as_error(false)
             .build()
             .new_agent();
         let classify_url = format!("{}/classify", base_url.trim_end_matches('/'));
-        Self {
-            agent,
-            classify_url,
-            params,
-            answer,
-            classes,
-            seeds: Seeds::Fresh(seed),
-            queries: 0,
-            elapsed: Duration::ZERO,
-        }
+        Self { agent, classify_url, params, answer, classes, seeds: None, queries: 0, elapsed: Duration::ZERO }
     }
 
-    /// Seeds the defense as `seeds` says instead of freshly from `seed`.
+    /// Sends the seeds `seeds` gives instead of leaving the noise to the service.
     pub fn with_seeds(mut self, seeds: Seeds) -> Self {
-        self.seeds = seeds;
+        self.seeds = Some(seeds);
         self
+    }
+
+    /// The seeds of the next `count` requests (`None`: the service draws them).
+    fn take_seeds(&mut self, count: usize) -> Vec<Option<u64>> {
+        match &mut self.seeds {
+            Some(seeds) => seeds.take(count).into_iter().map(Some).collect(),
+            None => vec![None; count],
+        }
     }
 
     /// The model cards the server lists (`GET /models`).
@@ -248,20 +250,26 @@ impl HttpService {
 
     /// The full answer for one image (counts as a query).
     pub fn classify(&mut self, image: &ModelImage) -> Result<crate::api::ClassifyResponse, String> {
-        let seed = self.seeds.take(1)[0];
+        let seed = self.take_seeds(1).into_iter().flatten().next();
         self.classify_seeded(image, seed)
     }
 
-    fn classify_seeded(&mut self, image: &ModelImage, seed: u64) -> Result<crate::api::ClassifyResponse, String> {
+    fn classify_seeded(
+        &mut self,
+        image: &ModelImage,
+        seed: Option<u64>,
+    ) -> Result<crate::api::ClassifyResponse, String> {
         let png = as_png(image)?;
         let started = Instant::now();
         let mut request = self.agent.post(&self.classify_url);
         for (key, value) in &self.params {
             request = request.query(key, value);
         }
+        if let Some(seed) = seed {
+            request = request.query("seed", seed.to_string());
+        }
         let mut response = request
             .query("top_k", HTTP_TOP_K.to_string())
-            .query("seed", seed.to_string())
             .header("content-type", "image/png")
             .send(&png[..])
             .map_err(|e| format!("POST {}: {e}", self.classify_url))?;
@@ -299,7 +307,7 @@ impl HttpService {
 impl Oracle for HttpService {
     fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
         let mut scores = Vec::with_capacity(images.len());
-        for (image, seed) in images.iter().zip(self.seeds.take(images.len())) {
+        for (image, seed) in images.iter().zip(self.take_seeds(images.len())) {
             let answer = self.classify_seeded(image, seed)?;
             scores.push(self.scores_of(&answer));
         }
