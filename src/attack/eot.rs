@@ -7,10 +7,10 @@
 //! the randomized oracle: each image is scored `draws` times and the answers averaged.
 //!
 //! Cost: every query of the attack costs `draws` queries to the defended system. The
-//! attack's own `queries` (e.g. [`super::square::AttackOutcome::queries`]) then counts
+//! attack's own `queries` (e.g. [`super::AttackOutcome::queries`]) then counts
 //! EOT-averaged evaluations; [`Eot::queries`] counts the images the inner oracle scored.
 
-use super::{Oracle, log_softmax};
+use super::{Oracle, OracleError, log_softmax};
 use crate::imaging::ModelImage;
 
 /// Wraps a randomized oracle: each image's score vector is the mean, over `draws`
@@ -49,10 +49,10 @@ impl<'a> Eot<'a> {
 
 impl Oracle for Eot<'_> {
     /// One inner batch per call: the images in order, each repeated `draws` times in a row.
-    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
         let draws = self.draws;
         if draws == 0 {
-            return Err("EOT needs at least one draw per image".to_string());
+            return Err(OracleError::Failed("EOT needs at least one draw per image".to_string()));
         }
         if images.is_empty() {
             return Ok(Vec::new());
@@ -67,7 +67,8 @@ impl Oracle for Eot<'_> {
         let scores = self.inner.scores(batch)?;
         self.queries += batch.len();
         if scores.len() != batch.len() {
-            return Err(format!("the oracle returned {} score vectors for {} images", scores.len(), batch.len()));
+            let message = format!("the oracle returned {} score vectors for {} images", scores.len(), batch.len());
+            return Err(OracleError::Failed(message));
         }
         scores.chunks(draws).map(mean_log_probability).collect()
     }
@@ -75,10 +76,10 @@ impl Oracle for Eot<'_> {
 
 /// ln of the mean probability per class over the draws' score vectors, computed as a
 /// log-sum-exp of the log-probabilities (no underflow for improbable classes).
-fn mean_log_probability(draws: &[Vec<f32>]) -> Result<Vec<f32>, String> {
-    let classes = draws[0].len();
+fn mean_log_probability(draws: &[Vec<f32>]) -> Result<Vec<f32>, OracleError> {
+    let classes = draws.first().map_or(0, Vec::len);
     if draws.iter().any(|s| s.len() != classes) {
-        return Err("the oracle returned score vectors of different lengths for one image".to_string());
+        return Err(OracleError::Failed("the oracle returned score vectors of different lengths for one image".into()));
     }
     let log_probs: Vec<Vec<f32>> = draws.iter().map(|s| log_softmax(s)).collect();
     let log_count = (draws.len() as f64).ln();
@@ -98,8 +99,8 @@ fn mean_log_probability(draws: &[Vec<f32>]) -> Result<Vec<f32>, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attack::nes::test_support::{CLASSES, Linear, NoisyLinear, input_for};
-    use crate::attack::square::Norm;
+    use crate::attack::Norm;
+    use crate::attack::testing::{CLASSES, Linear, NoisyLinear, input_for};
     use crate::attack::{Goal, margin};
 
     fn std_dev(values: &[f32]) -> f32 {
@@ -157,7 +158,7 @@ mod tests {
     }
 
     impl Oracle for Cycling {
-        fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+        fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
             Ok(images
                 .iter()
                 .map(|_| {
@@ -233,15 +234,15 @@ mod tests {
         assert!(Eot::new(&mut model, 0).scores(std::slice::from_ref(&image)).is_err());
         struct Short;
         impl Oracle for Short {
-            fn scores(&mut self, _: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+            fn scores(&mut self, _: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
                 Ok(vec![vec![0.0, 1.0]])
             }
         }
         let err = Eot::new(&mut Short, 3).scores(std::slice::from_ref(&image)).unwrap_err();
-        assert!(err.contains("1 score vectors for 3 images"), "{err}");
+        assert!(err.to_string().contains("1 score vectors for 3 images"), "{err}");
         struct Ragged(usize);
         impl Oracle for Ragged {
-            fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+            fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
                 self.0 += 1;
                 Ok(images.iter().enumerate().map(|(i, _)| vec![0.0; 2 + i % 2]).collect())
             }

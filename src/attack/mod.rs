@@ -1,19 +1,208 @@
 //! Adversarial attacks.
 //!
+//! Owns: the attacks (Square, NES, EOT), what they share (the [`Oracle`] they query,
+//! the threat model [`Norm`], the [`Goal`], the margin loss, the search state, input
+//! validation, [`AttackOutcome`]) and the errors they end with. Must not import:
+//! `http`, the pipeline, the engine — an attack only sees an oracle.
+//!
 //! Attacks work in the model-input space ([`ModelImage`]: planar RGB in [0, 1], before
 //! mean/std normalization) against a black-box [`Oracle`] that returns class scores.
+
+use serde::{Deserialize, Serialize};
 
 use crate::imaging::ModelImage;
 
 pub mod eot;
 pub mod nes;
 pub mod square;
+#[cfg(test)]
+pub(crate) mod testing;
+
+/// Planar RGB.
+pub(crate) const CHANNELS: usize = 3;
 
 /// A black-box classifier: scores for a batch of images (model-input space, [0,1]).
 /// Returns one score vector per image: LOG-probabilities or logits (the margin loss
 /// only needs an order-preserving score; use log-softmax when the oracle gives probabilities).
 pub trait Oracle {
-    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String>;
+    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError>;
+}
+
+/// Why an oracle gave no scores. The kinds matter to an attacker: an overloaded
+/// service is worth asking again later; a refused query never is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OracleError {
+    /// The attacked system had no capacity (503 overloaded); retrying later may work.
+    #[error("the attacked system is overloaded: {0}")]
+    Overloaded(String),
+    /// The attacked system refused the query itself (bad image or parameters).
+    #[error("the attacked system refused the query: {0}")]
+    Refused(String),
+    /// It could not be reached, failed, or answered something unusable.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why an attack stopped without an outcome.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AttackError {
+    /// The image or the configuration cannot be attacked as asked.
+    #[error("invalid attack input: {0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Oracle(#[from] OracleError),
+    /// The oracle answered, but not with scores an attack can use.
+    #[error("unusable oracle answer: {0}")]
+    BadAnswer(String),
+}
+
+/// The threat model: the perturbation's norm is at most ε.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Norm {
+    Linf,
+    L2,
+}
+
+/// What an attack found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AttackOutcome {
+    /// The best image found: clip(image + δ, 0, 1) with δ in the ε-ball.
+    pub adversarial: ModelImage,
+    /// The margin of `adversarial` is negative (the goal is reached).
+    pub success: bool,
+    /// Images the oracle was shown.
+    pub queries: usize,
+    /// Margin loss of `adversarial` (see [`margin`]).
+    pub margin: f32,
+    /// Measured ‖adversarial − image‖∞.
+    pub linf: f32,
+    /// Measured ‖adversarial − image‖₂.
+    pub l2: f32,
+    /// (queries so far, best margin) at the first query and whenever the margin improves.
+    pub margin_history: Vec<(usize, f32)>,
+}
+
+/// Checks that `image` is a planar RGB image in [0, 1] and ε a positive radius.
+pub fn validate(image: &ModelImage, epsilon: f32) -> Result<(), AttackError> {
+    let invalid = |message: String| Err(AttackError::Invalid(message));
+    if image.width == 0 || image.height == 0 {
+        return invalid(format!("cannot attack an empty {}×{} image", image.width, image.height));
+    }
+    let expected = image.width.checked_mul(image.height).and_then(|n| n.checked_mul(CHANNELS));
+    if expected != Some(image.data.len()) {
+        return invalid(format!(
+            "image data has {} values; a {}×{} planar RGB image has {}",
+            image.data.len(),
+            image.width,
+            image.height,
+            CHANNELS * image.width * image.height
+        ));
+    }
+    if image.data.iter().any(|v| !(0.0..=1.0).contains(v)) {
+        return invalid("image values must lie in [0, 1] (model-input space)".to_string());
+    }
+    if !(epsilon.is_finite() && epsilon > 0.0) {
+        return invalid(format!("epsilon must be positive and finite, got {epsilon}"));
+    }
+    Ok(())
+}
+
+/// The search state every attack keeps: the best image so far (lowest margin) and
+/// the query bookkeeping, with the progress callback called after every query.
+pub struct Search<'a> {
+    oracle: &'a mut dyn Oracle,
+    goal: &'a Goal,
+    progress: &'a mut dyn FnMut(usize, f32),
+    pub width: usize,
+    pub height: usize,
+    /// Images shown to the oracle.
+    pub queries: usize,
+    /// The best image so far (empty before the first offer).
+    pub best: Vec<f32>,
+    pub best_margin: f32,
+    pub history: Vec<(usize, f32)>,
+}
+
+impl<'a> Search<'a> {
+    /// A search on images of `like`'s size.
+    pub fn new(
+        oracle: &'a mut dyn Oracle,
+        goal: &'a Goal,
+        progress: &'a mut dyn FnMut(usize, f32),
+        like: &ModelImage,
+    ) -> Self {
+        Search {
+            oracle,
+            goal,
+            progress,
+            width: like.width,
+            height: like.height,
+            queries: 0,
+            best: Vec::new(),
+            best_margin: f32::INFINITY,
+            history: Vec::new(),
+        }
+    }
+
+    /// The search goes on while the goal is not reached and queries remain.
+    pub fn running(&self, max_queries: usize) -> bool {
+        self.best_margin >= 0.0 && self.queries < max_queries
+    }
+
+    fn image(&self, data: Vec<f32>) -> ModelImage {
+        ModelImage { width: self.width, height: self.height, data }
+    }
+
+    /// Shows `candidate` to the oracle (one query). It becomes the best image if it is
+    /// the first one or its margin is strictly lower than the best so far. Returns its margin.
+    pub fn offer(&mut self, candidate: Vec<f32>) -> Result<f32, AttackError> {
+        let image = self.image(candidate);
+        let margin = self.score(std::slice::from_ref(&image))?[0];
+        if self.history.is_empty() || margin < self.best_margin {
+            self.best = image.data;
+            self.best_margin = margin;
+            self.history.push((self.queries, margin));
+        }
+        (self.progress)(self.queries, self.best_margin);
+        Ok(margin)
+    }
+
+    /// Margins of `images`, shown to the oracle in one call (one query per image),
+    /// without touching the best image; `progress` is called once per image.
+    pub fn margins(&mut self, images: &[ModelImage]) -> Result<Vec<f32>, AttackError> {
+        let margins = self.score(images)?;
+        let first = self.queries - images.len();
+        for query in first + 1..=self.queries {
+            (self.progress)(query, self.best_margin);
+        }
+        Ok(margins)
+    }
+
+    /// The oracle's margins of `images`, counted as queries.
+    fn score(&mut self, images: &[ModelImage]) -> Result<Vec<f32>, AttackError> {
+        let scores = self.oracle.scores(images)?;
+        if scores.len() != images.len() {
+            return Err(AttackError::BadAnswer(format!("{} score vectors for {} images", scores.len(), images.len())));
+        }
+        let margins = scores.iter().map(|s| checked_margin(self.goal, s)).collect::<Result<Vec<_>, _>>()?;
+        self.queries += images.len();
+        Ok(margins)
+    }
+
+    /// The outcome: the best image, its margin and distances to `original`.
+    pub fn finish(self, original: &[f32]) -> AttackOutcome {
+        let (linf, l2) = distances(&self.best, original);
+        AttackOutcome {
+            success: self.best_margin < 0.0,
+            queries: self.queries,
+            margin: self.best_margin,
+            linf,
+            l2,
+            margin_history: self.history,
+            adversarial: ModelImage { width: self.width, height: self.height, data: self.best },
+        }
+    }
 }
 
 /// What the attacker wants.
@@ -49,19 +238,20 @@ pub fn margin(goal: &Goal, scores: &[f32]) -> f32 {
 
 /// [`margin`] for an oracle's answer, refusing answers an attack cannot use: fewer than
 /// two classes, a class index out of range, NaN scores.
-pub fn checked_margin(goal: &Goal, scores: &[f32]) -> Result<f32, String> {
+pub fn checked_margin(goal: &Goal, scores: &[f32]) -> Result<f32, AttackError> {
     let class = match *goal {
         Goal::Untargeted { true_class } => true_class,
         Goal::Targeted { target } => target,
     };
+    let bad = |message: String| Err(AttackError::BadAnswer(message));
     if scores.len() < 2 {
-        return Err(format!("the oracle returned {} score(s); an attack needs at least 2 classes", scores.len()));
+        return bad(format!("the oracle returned {} score(s); an attack needs at least 2 classes", scores.len()));
     }
     if class >= scores.len() {
-        return Err(format!("class {class} is out of range for an oracle with {} classes", scores.len()));
+        return bad(format!("class {class} is out of range for an oracle with {} classes", scores.len()));
     }
     if scores.iter().any(|s| s.is_nan()) {
-        return Err("the oracle returned a NaN score".to_string());
+        return bad("the oracle returned a NaN score".to_string());
     }
     Ok(margin(goal, scores))
 }

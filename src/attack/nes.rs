@@ -33,12 +33,8 @@ use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Distribution, StandardNormal};
 
-use super::square::{AttackOutcome, Norm};
-use super::{Goal, Oracle, checked_margin};
+use super::{AttackError, AttackOutcome, Goal, Norm, Oracle, Search, validate};
 use crate::imaging::ModelImage;
-
-/// Planar RGB.
-const CHANNELS: usize = 3;
 
 /// Default number of perturbed images per step (25 antithetic pairs), as in the paper.
 pub const DEFAULT_SAMPLES_PER_STEP: usize = 50;
@@ -108,24 +104,15 @@ pub fn nes_attack(
     goal: &Goal,
     config: &NesConfig,
     progress: &mut dyn FnMut(usize, f32),
-) -> Result<AttackOutcome, String> {
-    validate(image, config)?;
+) -> Result<AttackOutcome, AttackError> {
+    validate(image, config.epsilon)?;
+    check(config)?;
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(config.seed);
     let original = &image.data;
-    let mut search = Search {
-        oracle,
-        goal,
-        progress,
-        width: image.width,
-        height: image.height,
-        queries: 0,
-        best: original.clone(),
-        best_margin: f32::INFINITY,
-        history: Vec::new(),
-    };
+    let mut search = Search::new(oracle, goal, progress, image);
 
     let mut x = original.clone();
-    search.evaluate(&x)?;
+    search.offer(x.clone())?;
     let step_cost = config.samples_per_step + 1;
     let mut momentum = vec![0.0f32; x.len()];
     while search.best_margin >= 0.0 && search.queries + step_cost <= config.max_queries {
@@ -137,109 +124,32 @@ pub fn nes_attack(
             Norm::Linf => linf_step(&mut x, original, &momentum, config.learning_rate, config.epsilon),
             Norm::L2 => l2_step(&mut x, original, &momentum, config.learning_rate, config.epsilon),
         }
-        search.evaluate(&x)?;
+        search.offer(x.clone())?;
     }
-
-    let (linf, l2) = super::distances(&search.best, original);
-    Ok(AttackOutcome {
-        adversarial: ModelImage { width: image.width, height: image.height, data: search.best },
-        success: search.best_margin < 0.0,
-        queries: search.queries,
-        margin: search.best_margin,
-        linf,
-        l2,
-        margin_history: search.history,
-    })
+    Ok(search.finish(original))
 }
 
-fn validate(image: &ModelImage, config: &NesConfig) -> Result<(), String> {
-    if image.width == 0 || image.height == 0 {
-        return Err(format!("cannot attack an empty {}×{} image", image.width, image.height));
-    }
-    let expected = image.width.checked_mul(image.height).and_then(|n| n.checked_mul(CHANNELS));
-    if expected != Some(image.data.len()) {
-        return Err(format!(
-            "image data has {} values; a {}×{} planar RGB image has {}",
-            image.data.len(),
-            image.width,
-            image.height,
-            CHANNELS * image.width * image.height
-        ));
-    }
-    if image.data.iter().any(|v| !(0.0..=1.0).contains(v)) {
-        return Err("image values must lie in [0, 1] (model-input space)".to_string());
-    }
-    if !(config.epsilon.is_finite() && config.epsilon > 0.0) {
-        return Err(format!("epsilon must be positive and finite, got {}", config.epsilon));
-    }
+fn check(config: &NesConfig) -> Result<(), AttackError> {
+    let invalid = |message: String| Err(AttackError::Invalid(message));
     if config.max_queries == 0 {
-        return Err("max_queries must be at least 1 (the original is evaluated first)".to_string());
+        return invalid("max_queries must be at least 1 (the original is evaluated first)".to_string());
     }
     if config.samples_per_step < 2 || config.samples_per_step % 2 != 0 {
-        return Err(format!(
+        return invalid(format!(
             "samples_per_step must be even and at least 2 (antithetic pairs), got {}",
             config.samples_per_step
         ));
     }
     if !(config.sigma.is_finite() && config.sigma > 0.0) {
-        return Err(format!("sigma must be positive and finite, got {}", config.sigma));
+        return invalid(format!("sigma must be positive and finite, got {}", config.sigma));
     }
     if !(config.learning_rate.is_finite() && config.learning_rate > 0.0) {
-        return Err(format!("learning_rate must be positive and finite, got {}", config.learning_rate));
+        return invalid(format!("learning_rate must be positive and finite, got {}", config.learning_rate));
     }
     if !(0.0..1.0).contains(&config.momentum) {
-        return Err(format!("momentum must lie in [0, 1), got {}", config.momentum));
+        return invalid(format!("momentum must lie in [0, 1), got {}", config.momentum));
     }
     Ok(())
-}
-
-/// The search state: the best iterate so far and the query bookkeeping.
-struct Search<'a> {
-    oracle: &'a mut dyn Oracle,
-    goal: &'a Goal,
-    progress: &'a mut dyn FnMut(usize, f32),
-    width: usize,
-    height: usize,
-    queries: usize,
-    best: Vec<f32>,
-    best_margin: f32,
-    history: Vec<(usize, f32)>,
-}
-
-impl Search<'_> {
-    /// Margins of `images`, shown to the oracle in one call (one query per image);
-    /// `progress` is called once per image.
-    fn margins(&mut self, images: &[ModelImage]) -> Result<Vec<f32>, String> {
-        let scores = self.oracle.scores(images)?;
-        if scores.len() != images.len() {
-            return Err(format!("the oracle returned {} score vectors for {} images", scores.len(), images.len()));
-        }
-        let margins = scores.iter().map(|s| checked_margin(self.goal, s)).collect::<Result<Vec<_>, _>>()?;
-        for _ in images {
-            self.queries += 1;
-            (self.progress)(self.queries, self.best_margin);
-        }
-        Ok(margins)
-    }
-
-    /// Shows the iterate `x` to the oracle (one query). It becomes the best image if it
-    /// is the first one or its margin is strictly lower than the best so far.
-    fn evaluate(&mut self, x: &[f32]) -> Result<(), String> {
-        let image = ModelImage { width: self.width, height: self.height, data: x.to_vec() };
-        let scores = self.oracle.scores(std::slice::from_ref(&image))?;
-        if scores.len() != 1 {
-            return Err(format!("the oracle returned {} score vectors for 1 image", scores.len()));
-        }
-        let margin = checked_margin(self.goal, &scores[0])?;
-        self.queries += 1;
-        if self.history.is_empty() || margin < self.best_margin {
-            self.best = image.data;
-            self.best_margin = margin;
-            self.history.push((self.queries, margin));
-        }
-        (self.progress)(self.queries, self.best_margin);
-        Ok(())
-    }
 }
 
 /// The antithetic NES estimate of ∇L at `x` from `pairs` Gaussian directions, the 2·pairs
@@ -251,7 +161,7 @@ fn estimate_gradient(
     pairs: usize,
     sigma: f32,
     rng: &mut Xoshiro256PlusPlus,
-) -> Result<Vec<f32>, String> {
+) -> Result<Vec<f32>, AttackError> {
     let d = x.len();
     let directions: Vec<f32> = (0..pairs * d).map(|_| StandardNormal.sample(rng)).collect();
     let (width, height) = (search.width, search.height);
@@ -320,128 +230,11 @@ fn l2_step(x: &mut [f32], original: &[f32], momentum: &[f32], eta: f32, eps: f32
     }
 }
 
-/// Test oracles shared by the attack tests: a seeded linear 3-class model on 3×16×16
-/// images and a randomized version of it (fresh Gaussian input noise on every image).
-#[cfg(test)]
-pub(crate) mod test_support {
-    use rand::rngs::Xoshiro256PlusPlus;
-    use rand::{RngExt, SeedableRng};
-    use rand_distr::{Distribution, StandardNormal};
-
-    use crate::attack::Oracle;
-    use crate::attack::square::Norm;
-    use crate::imaging::ModelImage;
-
-    pub(crate) const SIDE: usize = 16;
-    pub(crate) const CLASSES: usize = 3;
-    pub(crate) const DIM: usize = 3 * SIDE * SIDE;
-
-    /// Logits W·x + b with W, b uniform in [−1, 1]; counts images and records batch sizes.
-    pub(crate) struct Linear {
-        pub(crate) weights: Vec<Vec<f32>>,
-        pub(crate) bias: Vec<f32>,
-        pub(crate) seen: usize,
-        pub(crate) batches: Vec<usize>,
-    }
-
-    impl Linear {
-        pub(crate) fn new(seed: u64) -> Self {
-            let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-            let weights = (0..CLASSES).map(|_| (0..DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect()).collect();
-            let bias = (0..CLASSES).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            Linear { weights, bias, seen: 0, batches: Vec::new() }
-        }
-
-        pub(crate) fn logits(&self, data: &[f32]) -> Vec<f32> {
-            self.weights
-                .iter()
-                .zip(&self.bias)
-                .map(|(w, b)| w.iter().zip(data).map(|(a, x)| a * x).sum::<f32>() + b)
-                .collect()
-        }
-
-        pub(crate) fn predict(&self, data: &[f32]) -> usize {
-            let logits = self.logits(data);
-            (0..CLASSES).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap()
-        }
-
-        /// The smallest ε (ignoring clipping) that can change the prediction away from
-        /// `y`: min_k margin_k / ‖w_y − w_k‖ in the dual norm (L1 for L∞, L2 for L2).
-        pub(crate) fn min_epsilon(&self, data: &[f32], y: usize, norm: Norm) -> f32 {
-            let logits = self.logits(data);
-            (0..CLASSES)
-                .filter(|&k| k != y)
-                .map(|k| {
-                    let diff = self.weights[y].iter().zip(&self.weights[k]).map(|(a, b)| a - b);
-                    let dual = match norm {
-                        Norm::Linf => diff.map(f32::abs).sum::<f32>(),
-                        Norm::L2 => diff.map(|d| d * d).sum::<f32>().sqrt(),
-                    };
-                    (logits[y] - logits[k]) / dual
-                })
-                .fold(f32::INFINITY, f32::min)
-        }
-    }
-
-    impl Oracle for Linear {
-        fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
-            self.seen += images.len();
-            self.batches.push(images.len());
-            Ok(images.iter().map(|image| self.logits(&image.data)).collect())
-        }
-    }
-
-    /// An input with values in [0.3, 0.7] (away from the clipping bounds) and its class
-    /// under `model`.
-    pub(crate) fn input_for(model: &Linear, seed: u64) -> (ModelImage, usize) {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed);
-        let data: Vec<f32> = (0..DIM).map(|_| rng.random_range(0.3f32..0.7)).collect();
-        let image = ModelImage { width: SIDE, height: SIDE, data };
-        let class = model.predict(&image.data);
-        (image, class)
-    }
-
-    /// A randomized defense in miniature: the linear model on x + N(0, noise²) (not
-    /// clipped), with fresh noise for every image of every call.
-    pub(crate) struct NoisyLinear {
-        pub(crate) model: Linear,
-        pub(crate) noise: f32,
-        rng: Xoshiro256PlusPlus,
-        pub(crate) seen: usize,
-    }
-
-    impl NoisyLinear {
-        pub(crate) fn new(model: Linear, noise: f32, seed: u64) -> Self {
-            NoisyLinear { model, noise, rng: Xoshiro256PlusPlus::seed_from_u64(seed), seen: 0 }
-        }
-    }
-
-    impl Oracle for NoisyLinear {
-        fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
-            self.seen += images.len();
-            Ok(images
-                .iter()
-                .map(|image| {
-                    let noisy: Vec<f32> = image
-                        .data
-                        .iter()
-                        .map(|&x| {
-                            let z: f32 = StandardNormal.sample(&mut self.rng);
-                            x + self.noise * z
-                        })
-                        .collect();
-                    self.model.logits(&noisy)
-                })
-                .collect())
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::test_support::{CLASSES, DIM, Linear, SIDE, input_for};
     use super::*;
-    use crate::attack::margin;
+    use crate::attack::testing::{CLASSES, DIM, Linear, SIDE, input_for};
+    use crate::attack::{OracleError, margin};
 
     fn input(seed: u64) -> (ModelImage, usize) {
         input_for(&Linear::new(1), seed)
@@ -647,14 +440,14 @@ mod tests {
     fn oracle_errors_and_bad_arguments_are_reported() {
         struct Failing;
         impl Oracle for Failing {
-            fn scores(&mut self, _: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
-                Err("model offline".to_string())
+            fn scores(&mut self, _: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
+                Err(OracleError::Failed("model offline".to_string()))
             }
         }
         /// Answers the first image only, however many it is shown.
         struct Short(Linear);
         impl Oracle for Short {
-            fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+            fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
                 Ok(vec![self.0.logits(&images[0].data)])
             }
         }
@@ -662,9 +455,9 @@ mod tests {
         let goal = Goal::Untargeted { true_class: y };
         let config = NesConfig::new(Norm::Linf, 0.05, 1000, 0);
         let err = nes_attack(&mut Failing, &image, &goal, &config, &mut |_, _| {}).unwrap_err();
-        assert_eq!(err, "model offline");
+        assert_eq!(err, AttackError::Oracle(OracleError::Failed("model offline".into())));
         let err = nes_attack(&mut Short(Linear::new(1)), &image, &goal, &config, &mut |_, _| {}).unwrap_err();
-        assert!(err.contains("1 score vectors for 50 images"), "{err}");
+        assert!(err.to_string().contains("1 score vectors for 50 images"), "{err}");
 
         let bad = |config: NesConfig| nes_attack(&mut Linear::new(1), &image, &goal, &config, &mut |_, _| {});
         assert!(bad(config.clone()).is_ok());

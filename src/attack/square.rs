@@ -16,13 +16,9 @@
 
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
-use serde::{Deserialize, Serialize};
 
-use super::{Goal, Oracle, checked_margin};
+use super::{AttackError, AttackOutcome, CHANNELS, Goal, Norm, Oracle, Search, validate};
 use crate::imaging::ModelImage;
-
-/// Planar RGB.
-const CHANNELS: usize = 3;
 
 /// Two clipped values closer than this count as unchanged (the reference uses 1e-7).
 const UNCHANGED: f32 = 1e-7;
@@ -30,21 +26,11 @@ const UNCHANGED: f32 = 1e-7;
 /// Bound on the L∞ resampling of an unchanged window (only reachable with a tiny ε).
 const MAX_RESAMPLES: usize = 64;
 
-/// The threat model: the perturbation's norm is at most ε.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Norm {
-    Linf,
-    L2,
-}
-
-impl Norm {
-    /// The paper's initial fraction of pixels changed per step: 0.05 (L∞), 0.1 (L2).
-    pub fn default_p_init(self) -> f32 {
-        match self {
-            Norm::Linf => 0.05,
-            Norm::L2 => 0.1,
-        }
+/// The paper's initial fraction of pixels changed per step: 0.05 (L∞), 0.1 (L2).
+pub fn default_p_init(norm: Norm) -> f32 {
+    match norm {
+        Norm::Linf => 0.05,
+        Norm::L2 => 0.1,
     }
 }
 
@@ -55,7 +41,7 @@ pub struct SquareConfig {
     pub epsilon: f32,
     /// Total oracle images, the initialisation included.
     pub max_queries: usize,
-    /// Initial fraction of pixels changed per step ([`Norm::default_p_init`]).
+    /// Initial fraction of pixels changed per step ([`default_p_init`]).
     pub p_init: f32,
     pub seed: u64,
     /// A warm start in place of the random initialisation (projected onto the ε-ball
@@ -67,26 +53,8 @@ pub struct SquareConfig {
 impl SquareConfig {
     /// A configuration with the paper's `p_init` for `norm`.
     pub fn new(norm: Norm, epsilon: f32, max_queries: usize, seed: u64) -> Self {
-        Self { norm, epsilon, max_queries, p_init: norm.default_p_init(), seed, start: None }
+        Self { norm, epsilon, max_queries, p_init: default_p_init(norm), seed, start: None }
     }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttackOutcome {
-    /// The best image found: clip(image + δ, 0, 1) with δ in the ε-ball.
-    pub adversarial: ModelImage,
-    /// The margin of `adversarial` is negative (the goal is reached).
-    pub success: bool,
-    /// Images the oracle was shown.
-    pub queries: usize,
-    /// Margin loss of `adversarial` (see [`super::margin`]).
-    pub margin: f32,
-    /// Measured ‖adversarial − image‖∞.
-    pub linf: f32,
-    /// Measured ‖adversarial − image‖₂.
-    pub l2: f32,
-    /// (queries so far, best margin) at the initialisation and whenever the margin improves.
-    pub margin_history: Vec<(usize, f32)>,
 }
 
 /// The paper's piecewise-constant schedule for p, the fraction of pixels changed at
@@ -121,108 +89,24 @@ pub fn square_attack(
     goal: &Goal,
     config: &SquareConfig,
     progress: &mut dyn FnMut(usize, f32),
-) -> Result<AttackOutcome, String> {
-    validate(image, config)?;
+) -> Result<AttackOutcome, AttackError> {
+    validate(image, config.epsilon)?;
+    if !(config.p_init > 0.0 && config.p_init <= 1.0) {
+        return Err(AttackError::Invalid(format!("p_init must lie in (0, 1], got {}", config.p_init)));
+    }
+    if config.start.as_ref().is_some_and(|start| start.len() != image.data.len()) {
+        return Err(AttackError::Invalid("the warm start must have the image's size".to_string()));
+    }
+    if config.max_queries == 0 {
+        return Err(AttackError::Invalid("max_queries must be at least 1 (the initialisation is a query)".into()));
+    }
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(config.seed);
-    let mut search = Search {
-        oracle,
-        goal,
-        progress,
-        width: image.width,
-        height: image.height,
-        queries: 0,
-        best: Vec::new(),
-        best_margin: f32::INFINITY,
-        history: Vec::new(),
-    };
+    let mut search = Search::new(oracle, goal, progress, image);
     match config.norm {
         Norm::Linf => linf_attack(&mut search, &image.data, config, &mut rng)?,
         Norm::L2 => l2_attack(&mut search, &image.data, config, &mut rng)?,
     }
-
-    let (linf, l2) = super::distances(&search.best, &image.data);
-    Ok(AttackOutcome {
-        adversarial: ModelImage { width: image.width, height: image.height, data: search.best },
-        success: search.best_margin < 0.0,
-        queries: search.queries,
-        margin: search.best_margin,
-        linf,
-        l2,
-        margin_history: search.history,
-    })
-}
-
-fn validate(image: &ModelImage, config: &SquareConfig) -> Result<(), String> {
-    if image.width == 0 || image.height == 0 {
-        return Err(format!("cannot attack an empty {}×{} image", image.width, image.height));
-    }
-    let expected = image.width.checked_mul(image.height).and_then(|n| n.checked_mul(CHANNELS));
-    if expected != Some(image.data.len()) {
-        return Err(format!(
-            "image data has {} values; a {}×{} planar RGB image has {}",
-            image.data.len(),
-            image.width,
-            image.height,
-            CHANNELS * image.width * image.height
-        ));
-    }
-    if image.data.iter().any(|v| !(0.0..=1.0).contains(v)) {
-        return Err("image values must lie in [0, 1] (model-input space)".to_string());
-    }
-    if !(config.epsilon.is_finite() && config.epsilon > 0.0) {
-        return Err(format!("epsilon must be positive and finite, got {}", config.epsilon));
-    }
-    if !(config.p_init > 0.0 && config.p_init <= 1.0) {
-        return Err(format!("p_init must lie in (0, 1], got {}", config.p_init));
-    }
-    if config.start.as_ref().is_some_and(|start| start.len() != image.data.len()) {
-        return Err("the warm start must have the image's size".to_string());
-    }
-    if config.max_queries == 0 {
-        return Err("max_queries must be at least 1 (the initialisation is a query)".to_string());
-    }
-    Ok(())
-}
-
-/// The random-search state: the best image so far and the query bookkeeping.
-struct Search<'a> {
-    oracle: &'a mut dyn Oracle,
-    goal: &'a Goal,
-    progress: &'a mut dyn FnMut(usize, f32),
-    width: usize,
-    height: usize,
-    queries: usize,
-    /// clip(x + δ, 0, 1) for the best δ so far (the initialisation until a step improves).
-    best: Vec<f32>,
-    best_margin: f32,
-    history: Vec<(usize, f32)>,
-}
-
-impl Search<'_> {
-    /// The search goes on while the goal is not reached and queries remain.
-    fn running(&self, max_queries: usize) -> bool {
-        self.best_margin >= 0.0 && self.queries < max_queries
-    }
-
-    /// Shows `candidate` to the oracle (one query). It becomes the best image if it is the
-    /// first one or its margin is strictly lower than the best so far.
-    fn offer(&mut self, candidate: Vec<f32>) -> Result<(), String> {
-        let image = ModelImage { width: self.width, height: self.height, data: candidate };
-        let mut scores = self.oracle.scores(std::slice::from_ref(&image))?;
-        self.queries += 1;
-        if scores.len() != 1 {
-            return Err(format!("the oracle returned {} score vectors for 1 image", scores.len()));
-        }
-        let scores = scores.swap_remove(0);
-        let margin = checked_margin(self.goal, &scores)?;
-        if self.history.is_empty() || margin < self.best_margin {
-            self.best = image.data;
-            self.best_margin = margin;
-            self.history.push((self.queries, margin));
-        }
-        (self.progress)(self.queries, self.best_margin);
-        Ok(())
-    }
+    Ok(search.finish(&image.data))
 }
 
 /// Side of the square changing a fraction `p` of the H·W pixel positions.
@@ -240,7 +124,7 @@ fn linf_attack(
     x: &[f32],
     config: &SquareConfig,
     rng: &mut Xoshiro256PlusPlus,
-) -> Result<(), String> {
+) -> Result<(), AttackError> {
     let (h, w, eps) = (search.height, search.width, config.epsilon);
     let plane = h * w;
 
@@ -389,7 +273,7 @@ fn l2_attack(
     x: &[f32],
     config: &SquareConfig,
     rng: &mut Xoshiro256PlusPlus,
-) -> Result<(), String> {
+) -> Result<(), AttackError> {
     let (h, w, eps) = (search.height, search.width, config.epsilon);
     let plane = h * w;
 
@@ -476,74 +360,8 @@ fn l2_attack(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::attack::margin;
-
-    const SIDE: usize = 16;
-    const CLASSES: usize = 3;
-    const DIM: usize = CHANNELS * SIDE * SIDE;
-
-    /// A linear 3-class model on 3×16×16 images that counts the images it sees.
-    struct Linear {
-        weights: Vec<Vec<f32>>,
-        bias: Vec<f32>,
-        seen: usize,
-    }
-
-    impl Linear {
-        fn new(seed: u64) -> Self {
-            let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed);
-            let weights = (0..CLASSES).map(|_| (0..DIM).map(|_| rng.random_range(-1.0f32..1.0)).collect()).collect();
-            let bias = (0..CLASSES).map(|_| rng.random_range(-1.0f32..1.0)).collect();
-            Linear { weights, bias, seen: 0 }
-        }
-
-        fn logits(&self, data: &[f32]) -> Vec<f32> {
-            self.weights
-                .iter()
-                .zip(&self.bias)
-                .map(|(w, b)| w.iter().zip(data).map(|(a, x)| a * x).sum::<f32>() + b)
-                .collect()
-        }
-
-        fn predict(&self, data: &[f32]) -> usize {
-            let logits = self.logits(data);
-            (0..CLASSES).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap()
-        }
-
-        /// The smallest ε (ignoring clipping) that can change the prediction away from
-        /// `y`: min_k margin_k / ‖w_y − w_k‖ in the dual norm (L1 for L∞, L2 for L2).
-        fn min_epsilon(&self, data: &[f32], y: usize, norm: Norm) -> f32 {
-            let logits = self.logits(data);
-            (0..CLASSES)
-                .filter(|&k| k != y)
-                .map(|k| {
-                    let diff = self.weights[y].iter().zip(&self.weights[k]).map(|(a, b)| a - b);
-                    let dual = match norm {
-                        Norm::Linf => diff.map(f32::abs).sum::<f32>(),
-                        Norm::L2 => diff.map(|d| d * d).sum::<f32>().sqrt(),
-                    };
-                    (logits[y] - logits[k]) / dual
-                })
-                .fold(f32::INFINITY, f32::min)
-        }
-    }
-
-    impl Oracle for Linear {
-        fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
-            self.seen += images.len();
-            Ok(images.iter().map(|image| self.logits(&image.data)).collect())
-        }
-    }
-
-    /// An input with values in [0.3, 0.7] (away from the clipping bounds) and its class
-    /// under `model`.
-    fn input_for(model: &Linear, seed: u64) -> (ModelImage, usize) {
-        let mut rng = Xoshiro256PlusPlus::seed_from_u64(seed ^ 0x5eed);
-        let data: Vec<f32> = (0..DIM).map(|_| rng.random_range(0.3f32..0.7)).collect();
-        let image = ModelImage { width: SIDE, height: SIDE, data };
-        let class = model.predict(&image.data);
-        (image, class)
-    }
+    use crate::attack::testing::{CLASSES, DIM, Linear, SIDE, input_for};
+    use crate::attack::{OracleError, checked_margin, margin};
 
     /// An input and its class under `Linear::new(1)`.
     fn input(seed: u64) -> (ModelImage, usize) {
@@ -764,15 +582,15 @@ mod tests {
     fn oracle_errors_and_bad_arguments_are_reported() {
         struct Failing;
         impl Oracle for Failing {
-            fn scores(&mut self, _: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
-                Err("model offline".to_string())
+            fn scores(&mut self, _: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
+                Err(OracleError::Failed("model offline".to_string()))
             }
         }
         let (image, y) = input(3);
         let goal = Goal::Untargeted { true_class: y };
         let config = SquareConfig::new(Norm::Linf, 0.05, 100, 0);
         let err = square_attack(&mut Failing, &image, &goal, &config, &mut |_, _| {}).unwrap_err();
-        assert_eq!(err, "model offline");
+        assert_eq!(err, AttackError::Oracle(OracleError::Failed("model offline".into())));
 
         let mut oracle = Linear::new(1);
         let bad = |config: SquareConfig| square_attack(&mut Linear::new(1), &image, &goal, &config, &mut |_, _| {});

@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use super::oracle::{Answer, DefendedPipeline, HttpService, RawModel, Seeds, as_png};
-use crate::api::ClassifyResponse;
+use super::RedTeamError;
+use super::oracle::{Answer, DefendedPipeline, HttpService, RawModel, Seeds, Verdict, as_png};
 use crate::attack::eot::Eot;
 use crate::attack::nes::{NesConfig, nes_attack};
-use crate::attack::square::{Norm, SquareConfig, square_attack};
-use crate::attack::{Goal, Oracle};
+use crate::attack::square::{SquareConfig, square_attack};
+use crate::attack::{Goal, Norm, Oracle, OracleError};
 use crate::config::Config;
 use crate::imaging::{DecodeLimits, ModelImage, decode, fit_to_input};
 use crate::model::{Labels, ModelRegistry};
@@ -106,9 +106,13 @@ enum Target {
 }
 
 /// Runs the attack, writes the PNG and returns the report.
-pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOptions) -> Result<AttackReport, String> {
+pub fn run(
+    runtime: &tokio::runtime::Runtime,
+    config: Config,
+    options: &AttackOptions,
+) -> Result<AttackReport, RedTeamError> {
     if options.eot == 0 {
-        return Err("--eot must be at least 1".into());
+        return Err(RedTeamError::Invalid("--eot must be at least 1".into()));
     }
     let started = Instant::now();
     let against_raw = options.against == "raw";
@@ -118,8 +122,9 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
         preset => preset.to_string(),
     };
     let limits = DecodeLimits::from(&config.image);
-    let bytes = std::fs::read(&options.image).map_err(|e| format!("{}: {e}", options.image.display()))?;
-    let photo = decode(&bytes, &limits).map_err(|e| format!("{}: {e}", options.image.display()))?;
+    let bytes = std::fs::read(&options.image).map_err(RedTeamError::io(&options.image))?;
+    let photo =
+        decode(&bytes, &limits).map_err(|source| RedTeamError::Decode { path: options.image.clone(), source })?;
 
     // The raw model's input spec and labels, and who answers.
     let (target, spec, labels, model_name) = match &options.url {
@@ -131,7 +136,9 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
                 names.extend(config.models.load.iter().filter(|m| **m != raw_name).cloned());
             }
             let registry = Arc::new(ModelRegistry::load_only(&config, &names)?);
-            let model = registry.get(&raw_name).ok_or(format!("model {raw_name} did not load"))?;
+            let model = registry
+                .get(&raw_name)
+                .ok_or_else(|| RedTeamError::Invalid(format!("model {raw_name} did not load")))?;
             let (spec, labels) = (model.card.input.clone(), model.labels.clone());
             let pipeline = Arc::new(Pipeline::new(Arc::clone(&config), registry));
             (Target::Local { pipeline, runtime: runtime.handle().clone() }, spec, labels, raw_name)
@@ -142,7 +149,7 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
                 Some(name) => models.models.iter().find(|m| m.card.name == *name),
                 None => models.models.iter().find(|m| m.name == models.default).or(models.models.first()),
             }
-            .ok_or("the server lists no such model")?;
+            .ok_or_else(|| RedTeamError::Invalid("the server lists no such model".into()))?;
             // The server does not send its label list; the bundled one is the same file.
             let labels = Labels::load(&config.models.dir.join(&info.card.labels), info.card.num_classes)?;
             (Target::Remote { url: url.clone() }, info.card.input.clone(), labels, info.card.name.clone())
@@ -161,7 +168,10 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
             let check = [("defense", check_defense.as_str()), ("model", model_name.as_str())];
             let checker = DefendedPipeline::new(Arc::clone(pipeline), runtime.clone(), &check, check_seed)?;
             let oracle = if against_raw {
-                let model = pipeline.registry().get(&model_name).ok_or("raw model missing")?;
+                let model = pipeline
+                    .registry()
+                    .get(&model_name)
+                    .ok_or_else(|| RedTeamError::Invalid(format!("model {model_name} is not loaded")))?;
                 Attacked::Raw(RawModel::new(Arc::clone(model)))
             } else {
                 let params = [("defense", defense.as_str()), ("model", model_name.as_str())];
@@ -212,11 +222,13 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
     bar.finish_and_clear();
 
     let png = as_png(&outcome.adversarial)?;
-    std::fs::write(&options.out, &png).map_err(|e| format!("{}: {e}", options.out.display()))?;
+    std::fs::write(&options.out, &png).map_err(RedTeamError::io(&options.out))?;
     // The final check: the PNG as written, through the full pipeline with a fresh seed.
-    let written = ModelImage::from_rgb(&image::load_from_memory(&png).map_err(|e| e.to_string())?.to_rgb8());
-    let check = checker.classify(&written)?;
-    let attacked_answer = if against_raw { Some(check.raw.class_id) } else { check.defended.class_id };
+    let written = image::load_from_memory(&png)
+        .map_err(|e| RedTeamError::Invalid(format!("{}: cannot read back: {e}", options.out.display())))?;
+    let written = ModelImage::from_rgb(&written.to_rgb8());
+    let check = checker.verdict(&written)?;
+    let attacked_answer = if against_raw { Some(check.raw) } else { check.defended };
     let success = match goal {
         Goal::Targeted { target } => attacked_answer == Some(target),
         Goal::Untargeted { true_class } => attacked_answer != Some(true_class),
@@ -243,8 +255,8 @@ pub fn run(runtime: &tokio::runtime::Runtime, config: Config, options: &AttackOp
         margin: outcome.margin,
         linf,
         l2,
-        raw: label(Some(check.raw.class_id), &labels),
-        defended: label(check.defended.class_id, &labels),
+        raw: label(Some(check.raw), &labels),
+        defended: label(check.defended, &labels),
         suspicious: check.suspicious,
     })
 }
@@ -282,11 +294,11 @@ enum Checker {
 }
 
 impl Checker {
-    fn classify(&mut self, image: &ModelImage) -> Result<ClassifyResponse, String> {
-        match self {
-            Checker::Pipeline(checker) => checker.classify(image),
-            Checker::Http(checker) => checker.classify(image),
-        }
+    fn verdict(&mut self, image: &ModelImage) -> Result<Verdict, OracleError> {
+        Ok(match self {
+            Checker::Pipeline(checker) => Verdict::from(&checker.classify(image)?),
+            Checker::Http(checker) => Verdict::from(&checker.classify(image)?),
+        })
     }
 }
 
@@ -296,9 +308,13 @@ fn label(class_id: Option<usize>, labels: &Labels) -> Label {
 
 /// A class id, an exact class name, or the one class whose name contains the text
 /// (case-insensitive): `--target vulture` finds "vulture"; an ambiguous text is refused.
-pub fn resolve_label(text: &str, labels: &Labels) -> Result<usize, String> {
+pub fn resolve_label(text: &str, labels: &Labels) -> Result<usize, RedTeamError> {
     if let Ok(id) = text.trim().parse::<usize>() {
-        return if id < labels.len() { Ok(id) } else { Err(format!("class {id} is out of range")) };
+        return if id < labels.len() {
+            Ok(id)
+        } else {
+            Err(RedTeamError::Invalid(format!("class {id} is out of range")))
+        };
     }
     let wanted = text.trim().to_lowercase();
     let names: Vec<String> = (0..labels.len()).map(|c| labels.name(c).to_lowercase()).collect();
@@ -308,12 +324,12 @@ pub fn resolve_label(text: &str, labels: &Labels) -> Result<usize, String> {
     let matches: Vec<usize> = (0..names.len()).filter(|&c| names[c].contains(&wanted)).collect();
     match matches.as_slice() {
         [one] => Ok(*one),
-        [] => Err(format!("no class is called {text:?}")),
-        many => Err(format!(
+        [] => Err(RedTeamError::Invalid(format!("no class is called {text:?}"))),
+        many => Err(RedTeamError::Invalid(format!(
             "{text:?} matches {} classes: {}",
             many.len(),
             many.iter().take(5).map(|&c| labels.name(c)).collect::<Vec<_>>().join("; ")
-        )),
+        ))),
     }
 }
 

@@ -1,12 +1,48 @@
 //! Oracles: what an attack may query. `RawModel` is the undefended model in-process
-//! (logits, batched through its engine).
+//! (logits, batched through its engine); `DefendedPipeline` the whole defended
+//! pipeline in-process; `HttpService` a running server, through `POST /classify` only.
+//! Each also gives a [`Verdict`] (raw and defended class) for judging a final image.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::attack::Oracle;
+use crate::api::{ClassifyResponse, ErrorResponse, ModelsResponse};
+use crate::attack::{Oracle, OracleError};
 use crate::imaging::ModelImage;
 use crate::model::LoadedModel;
+use crate::params::ClassifyParams;
+use crate::pipeline::{Outcome, Pipeline, PipelineError};
+
+/// What a defended system answered for one image: enough to judge an attack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdict {
+    pub raw: usize,
+    /// `None` when the defended answer abstained.
+    pub defended: Option<usize>,
+    pub suspicious: bool,
+}
+
+impl From<&Outcome> for Verdict {
+    fn from(outcome: &Outcome) -> Self {
+        Verdict { raw: outcome.raw_class(), defended: outcome.defended.class_id, suspicious: outcome.suspicious }
+    }
+}
+
+impl From<&ClassifyResponse> for Verdict {
+    fn from(answer: &ClassifyResponse) -> Self {
+        Verdict { raw: answer.raw.class_id, defended: answer.defended.class_id, suspicious: answer.suspicious }
+    }
+}
+
+/// A pipeline error as an attacker sees it: no capacity (ask again), a refused query,
+/// or a failure.
+pub fn oracle_error(error: PipelineError) -> OracleError {
+    match error {
+        e if e.is_overloaded() => OracleError::Overloaded(e.to_string()),
+        e @ (PipelineError::Param(_) | PipelineError::Decode(_)) => OracleError::Refused(e.to_string()),
+        e => OracleError::Failed(e.to_string()),
+    }
+}
 
 /// The raw model through its batching engine. Blocking: call from a plain thread
 /// (or `spawn_blocking`), never from an async task.
@@ -24,22 +60,29 @@ impl RawModel {
 }
 
 impl Oracle for RawModel {
-    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
         let spec = &self.model.card.input;
         let mut rows = Vec::with_capacity(images.len() * self.model.card.row_len());
         for image in images {
             if (image.width, image.height) != (spec.width as usize, spec.height as usize) {
-                return Err(format!(
+                return Err(OracleError::Refused(format!(
                     "image is {}x{}, the model takes {}x{}",
                     image.width, image.height, spec.width, spec.height
-                ));
+                )));
             }
             image.push_normalized(spec, &mut rows);
         }
-        let receiver =
-            self.model.engine.submit(rows, images.len(), Instant::now() + self.timeout).map_err(|e| e.to_string())?;
-        let output =
-            receiver.blocking_recv().map_err(|_| "the engine stopped".to_string())?.map_err(|e| e.to_string())?;
+        let name = &self.model.card.name;
+        let deadline_ms = self.timeout.as_millis() as u64;
+        let receiver = self
+            .model
+            .engine
+            .submit(rows, images.len(), Instant::now() + self.timeout)
+            .map_err(|e| oracle_error(PipelineError::engine(name, e, deadline_ms)))?;
+        let output = receiver
+            .blocking_recv()
+            .map_err(|_| OracleError::Failed(format!("the engine of {name} stopped")))?
+            .map_err(|e| oracle_error(PipelineError::engine(name, e, deadline_ms)))?;
         self.queries += images.len();
         Ok(output.outputs.chunks(self.model.card.num_classes).map(<[f32]>::to_vec).collect())
     }
@@ -54,9 +97,12 @@ pub enum Answer {
 
 /// The image as the service receives it: quantized to 8 bits and PNG-encoded
 /// (lossless), at the model's input size so the service uses it as it is.
-pub fn as_png(image: &ModelImage) -> Result<Vec<u8>, String> {
+pub fn as_png(image: &ModelImage) -> Result<Vec<u8>, OracleError> {
     let mut out = std::io::Cursor::new(Vec::new());
-    image.to_rgb().write_to(&mut out, image::ImageFormat::Png).map_err(|e| format!("cannot encode a PNG: {e}"))?;
+    image
+        .to_rgb()
+        .write_to(&mut out, image::ImageFormat::Png)
+        .map_err(|e| OracleError::Failed(format!("cannot encode a PNG: {e}")))?;
     Ok(out.into_inner())
 }
 
@@ -109,9 +155,9 @@ impl Seeds {
 /// default, as a client of the service sees it). The images of one call are classified
 /// concurrently, so their views share engine batches. Blocking: call from a plain thread.
 pub struct DefendedPipeline {
-    pipeline: Arc<crate::pipeline::Pipeline>,
+    pipeline: Arc<Pipeline>,
     runtime: tokio::runtime::Handle,
-    params: crate::params::ClassifyParams,
+    params: ClassifyParams,
     classes: usize,
     seeds: Seeds,
     /// Images classified so far.
@@ -121,16 +167,18 @@ pub struct DefendedPipeline {
 impl DefendedPipeline {
     /// `params` are API parameters, e.g. `[("defense", "default")]`.
     pub fn new(
-        pipeline: Arc<crate::pipeline::Pipeline>,
+        pipeline: Arc<Pipeline>,
         runtime: tokio::runtime::Handle,
         params: &[(&str, &str)],
         seed: u64,
-    ) -> Result<Self, String> {
-        let params = crate::params::ClassifyParams::from_pairs(params.iter().copied(), pipeline.config())
-            .map_err(|e| e.to_string())?;
-        let raw = params.model.clone().unwrap_or_else(|| pipeline.config().models.default.clone());
-        let classes =
-            pipeline.registry().get(&raw).map(|m| m.card.num_classes).ok_or(format!("model {raw} is not loaded"))?;
+    ) -> Result<Self, OracleError> {
+        let params = pipeline.params(params.iter().copied()).map_err(|e| OracleError::Refused(e.to_string()))?;
+        let raw = params.model.clone().unwrap_or_else(|| pipeline.registry().default_name().to_string());
+        let classes = pipeline
+            .registry()
+            .get(&raw)
+            .map(|m| m.card.num_classes)
+            .ok_or_else(|| OracleError::Refused(format!("model {raw} is not loaded")))?;
         Ok(Self { pipeline, runtime, params, classes, seeds: Seeds::Fresh(seed), queries: 0 })
     }
 
@@ -140,12 +188,13 @@ impl DefendedPipeline {
         self
     }
 
-    /// The full answer for one image (a fresh seed; counts as a query).
-    pub fn classify(&mut self, image: &ModelImage) -> Result<crate::api::ClassifyResponse, String> {
-        Ok(self.classify_all(std::slice::from_ref(image))?.swap_remove(0))
+    /// The full outcome for one image (the next seed; counts as a query).
+    pub fn classify(&mut self, image: &ModelImage) -> Result<Outcome, OracleError> {
+        let mut outcomes = self.classify_all(std::slice::from_ref(image))?;
+        outcomes.pop().ok_or_else(|| OracleError::Failed("no outcome".into()))
     }
 
-    fn classify_all(&mut self, images: &[ModelImage]) -> Result<Vec<crate::api::ClassifyResponse>, String> {
+    fn classify_all(&mut self, images: &[ModelImage]) -> Result<Vec<Outcome>, OracleError> {
         let mut requests = Vec::with_capacity(images.len());
         for (image, seed) in images.iter().zip(self.seeds.take(images.len())) {
             let mut params = self.params.clone();
@@ -153,38 +202,37 @@ impl DefendedPipeline {
             requests.push((as_png(image)?, params));
         }
         let pipeline = Arc::clone(&self.pipeline);
-        let answers = self.runtime.block_on(async move {
+        let outcomes = self.runtime.block_on(async move {
             let mut tasks = tokio::task::JoinSet::new();
             for (index, (png, params)) in requests.into_iter().enumerate() {
                 let pipeline = Arc::clone(&pipeline);
-                tasks.spawn(async move {
-                    let answer =
-                        pipeline.classify(png.into(), &params, format!("attack-{index}"), Instant::now()).await;
-                    (index, answer)
-                });
+                tasks.spawn(async move { (index, pipeline.classify(png.into(), &params, Instant::now()).await) });
             }
-            let mut answers = Vec::new();
+            let mut outcomes = Vec::new();
             while let Some(joined) = tasks.join_next().await {
-                answers.push(joined.map_err(|e| e.to_string())?);
+                outcomes.push(joined.map_err(|e| OracleError::Failed(e.to_string()))?);
             }
-            Ok::<_, String>(answers)
+            Ok::<_, OracleError>(outcomes)
         })?;
-        let mut ordered: Vec<Option<crate::api::ClassifyResponse>> = vec![None; images.len()];
-        for (index, answer) in answers {
-            ordered[index] = Some(answer.map_err(|e| e.to_string())?);
+        let mut ordered: Vec<Option<Outcome>> = vec![None; images.len()];
+        for (index, outcome) in outcomes {
+            ordered[index] = Some(outcome.map_err(oracle_error)?);
         }
         self.queries += images.len();
-        ordered.into_iter().map(|a| a.ok_or_else(|| "a classification went missing".to_string())).collect()
+        ordered
+            .into_iter()
+            .map(|o| o.ok_or_else(|| OracleError::Failed("a classification went missing".into())))
+            .collect()
     }
 }
 
 impl Oracle for DefendedPipeline {
-    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
         let classes = self.classes;
         Ok(self
             .classify_all(images)?
             .iter()
-            .map(|answer| log_probabilities(&answer.defended_probabilities, classes))
+            .map(|outcome| log_probabilities(&outcome.defended.probabilities, classes))
             .collect())
     }
 }
@@ -195,7 +243,9 @@ impl Oracle for DefendedPipeline {
 /// a floor that keeps the margin finite. By default no `seed` is sent: the service
 /// draws its own noise for every answer, as for any client, and a server that refuses
 /// client seeds (`defense.allow_client_seed = false`) can be attacked too;
-/// [`HttpService::with_seeds`] sends seeds (e.g. fixed noise).
+/// [`HttpService::with_seeds`] sends seeds (e.g. fixed noise). A 503 (overloaded,
+/// not ready) is asked again after its `Retry-After`, a few times, as a patient
+/// attacker would.
 pub struct HttpService {
     agent: ureq::Agent,
     classify_url: String,
@@ -205,7 +255,7 @@ pub struct HttpService {
     classes: usize,
     /// `None`: the service draws the noise.
     seeds: Option<Seeds>,
-    /// Requests sent so far.
+    /// Requests sent so far (retries included).
     pub queries: usize,
     /// Time spent waiting for the server.
     pub elapsed: Duration,
@@ -214,16 +264,14 @@ pub struct HttpService {
 /// The most classes `/classify` lists.
 const HTTP_TOP_K: usize = 20;
 
+/// Times a 503 is asked again before the attack gives up.
+const OVERLOAD_RETRIES: usize = 8;
+
 impl HttpService {
     /// `base_url` like `http://host:8080`; `classes` from the model card (`GET /models`).
     pub fn new(base_url: &str, params: Vec<(String, String)>, answer: Answer, classes: usize) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(120)))
-            .http_status_as_error(false)
-            .build()
-            .new_agent();
         let classify_url = format!("{}/classify", base_url.trim_end_matches('/'));
-        Self { agent, classify_url, params, answer, classes, seeds: None, queries: 0, elapsed: Duration::ZERO }
+        Self { agent: agent(), classify_url, params, answer, classes, seeds: None, queries: 0, elapsed: Duration::ZERO }
     }
 
     /// Sends the seeds `seeds` gives instead of leaving the noise to the service.
@@ -241,27 +289,45 @@ impl HttpService {
     }
 
     /// The model cards the server lists (`GET /models`).
-    pub fn models(base_url: &str) -> Result<crate::api::ModelsResponse, String> {
+    pub fn models(base_url: &str) -> Result<ModelsResponse, OracleError> {
         let url = format!("{}/models", base_url.trim_end_matches('/'));
-        let mut response = ureq::get(&url).call().map_err(|e| format!("GET {url}: {e}"))?;
-        let text = response.body_mut().read_to_string().map_err(|e| format!("GET {url}: {e}"))?;
-        serde_json::from_str(&text).map_err(|e| format!("GET {url}: not a model list: {e}"))
+        let failed = |e: &dyn std::fmt::Display| OracleError::Failed(format!("GET {url}: {e}"));
+        let mut response = agent().get(&url).call().map_err(|e| failed(&e))?;
+        let text = response.body_mut().read_to_string().map_err(|e| failed(&e))?;
+        if !response.status().is_success() {
+            return Err(failed(&format!("{}: {text}", response.status())));
+        }
+        serde_json::from_str(&text).map_err(|e| failed(&format!("not a model list: {e}")))
     }
 
     /// The full answer for one image (counts as a query).
-    pub fn classify(&mut self, image: &ModelImage) -> Result<crate::api::ClassifyResponse, String> {
+    pub fn classify(&mut self, image: &ModelImage) -> Result<ClassifyResponse, OracleError> {
         let seed = self.take_seeds(1).into_iter().flatten().next();
         self.classify_seeded(image, seed)
     }
 
-    fn classify_seeded(
-        &mut self,
-        image: &ModelImage,
-        seed: Option<u64>,
-    ) -> Result<crate::api::ClassifyResponse, String> {
+    fn classify_seeded(&mut self, image: &ModelImage, seed: Option<u64>) -> Result<ClassifyResponse, OracleError> {
         let png = as_png(image)?;
+        let mut attempt = 0;
+        loop {
+            match self.post(&png, seed) {
+                Err((OracleError::Overloaded(message), retry_after)) if attempt < OVERLOAD_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(%message, attempt, "overloaded; asking again");
+                    std::thread::sleep(retry_after);
+                }
+                Err((error, _)) => return Err(error),
+                Ok(answer) => return Ok(answer),
+            }
+        }
+    }
+
+    /// One `POST /classify`; on error, how long the server asked to wait.
+    fn post(&mut self, png: &[u8], seed: Option<u64>) -> Result<ClassifyResponse, (OracleError, Duration)> {
+        let url = &self.classify_url;
+        let failed = |e: &dyn std::fmt::Display| (OracleError::Failed(format!("POST {url}: {e}")), Duration::ZERO);
         let started = Instant::now();
-        let mut request = self.agent.post(&self.classify_url);
+        let mut request = self.agent.post(url);
         for (key, value) in &self.params {
             request = request.query(key, value);
         }
@@ -271,19 +337,33 @@ impl HttpService {
         let mut response = request
             .query("top_k", HTTP_TOP_K.to_string())
             .header("content-type", "image/png")
-            .send(&png[..])
-            .map_err(|e| format!("POST {}: {e}", self.classify_url))?;
+            .send(png)
+            .map_err(|e| failed(&e))?;
         let status = response.status();
-        let text = response.body_mut().read_to_string().map_err(|e| format!("POST {}: {e}", self.classify_url))?;
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map_or(Duration::from_secs(1), Duration::from_secs);
+        let text = response.body_mut().read_to_string().map_err(|e| failed(&e))?;
         self.elapsed += started.elapsed();
         self.queries += 1;
-        if !status.is_success() {
-            return Err(format!("POST {} answered {status}: {text}", self.classify_url));
+        if status.is_success() {
+            return serde_json::from_str(&text).map_err(|e| failed(&format!("unexpected answer: {e}")));
         }
-        serde_json::from_str(&text).map_err(|e| format!("POST {}: unexpected answer: {e}", self.classify_url))
+        let message = serde_json::from_str::<ErrorResponse>(&text)
+            .map(|e| format!("{status} {}: {}", e.error.code, e.error.message))
+            .unwrap_or_else(|_| format!("{status}: {text}"));
+        let error = match status.as_u16() {
+            503 => OracleError::Overloaded(message),
+            400..=499 => OracleError::Refused(message),
+            _ => OracleError::Failed(message),
+        };
+        Err((error, retry_after))
     }
 
-    fn scores_of(&self, answer: &crate::api::ClassifyResponse) -> Vec<f32> {
+    fn scores_of(&self, answer: &ClassifyResponse) -> Vec<f32> {
         let listed = match self.answer {
             Answer::Raw => &answer.raw.top_k,
             Answer::Defended => &answer.defended.top_k,
@@ -304,8 +384,16 @@ impl HttpService {
     }
 }
 
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .timeout_global(Some(Duration::from_secs(120)))
+        .http_status_as_error(false)
+        .build()
+        .new_agent()
+}
+
 impl Oracle for HttpService {
-    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, String> {
+    fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
         let mut scores = Vec::with_capacity(images.len());
         for (image, seed) in images.iter().zip(self.take_seeds(images.len())) {
             let answer = self.classify_seeded(image, seed)?;
