@@ -1,10 +1,13 @@
 //! The JSON shapes of the public API, shared by the HTTP server, the offline CLI
-//! and clients (the red-team tool parses them back).
+//! and clients (the red-team tool parses them back). Only types: `http/answer.rs`
+//! builds them from a pipeline `Outcome`. Every field is sent; a client that parses
+//! an answer into these types gets all of it.
+//!
+//! Owns: the wire format. Must not import: the pipeline, the engine, axum.
 
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::defense::report::{DefendedPrediction, DefenseReport};
 use crate::model::ModelCard;
 
 /// The answer to `POST /classify`.
@@ -33,13 +36,37 @@ pub struct ClassifyResponse {
     pub rows: usize,
     /// Where the time went, in milliseconds.
     pub timing_ms: Timing,
-    /// Each engine submission as (model, rows), for cost measurements; not sent.
-    #[serde(skip)]
-    pub batches: Vec<(String, usize)>,
-    /// The defended probability vector over all classes (empty when abstaining), for
-    /// in-process attacks; clients see `defended.top_k`.
-    #[serde(skip)]
-    pub defended_probabilities: Vec<f32>,
+}
+
+/// The combined answer of the defenses.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DefendedPrediction {
+    /// `null` when the defended classifier abstains.
+    pub class_id: Option<usize>,
+    pub label: Option<String>,
+    /// Combined probability of `class_id` (0 when abstaining).
+    pub confidence: f32,
+    pub top_k: Vec<ClassScore>,
+    pub abstained: bool,
+    /// How the answer was formed, e.g. "mean of smooth, blur, saccade, ensemble".
+    pub method: String,
+}
+
+/// One defense's own answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DefenseReport {
+    /// The defense's name (`smooth`, `blur`, `saccade`, `ensemble`, ...).
+    pub name: String,
+    pub class_id: Option<usize>,
+    pub label: Option<String>,
+    pub confidence: f32,
+    pub abstained: bool,
+    /// Model inputs this defense added to the request.
+    pub views: usize,
+    /// What the defense reports about its views: one of the `*Details` schemas
+    /// (SmoothDetails, BlurDetails, SaccadeDetails, EnsembleDetails), by `name`.
+    #[schema(value_type = Object)]
+    pub details: Box<serde_json::value::RawValue>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

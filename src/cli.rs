@@ -8,11 +8,13 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
-use crate::api::{ErrorDetail, ErrorResponse};
-use crate::attack::square::Norm;
+use crate::attack::Norm;
 use crate::config::{CliOverrides, Config, ModelOverrides, ServerOverrides};
+use crate::defense::Defenses;
+use crate::http::ApiError;
+use crate::http::answer::classify_response;
 use crate::model::{ModelCard, ModelRegistry, sha256_file};
-use crate::params::ClassifyParams;
+use crate::params::{ClassifyParams, ClassifyQuery};
 use crate::pipeline::Pipeline;
 use crate::redteam::attack::{AttackOptions, Method};
 use crate::redteam::evaluate::{AttackKind, EvaluateOptions};
@@ -56,67 +58,102 @@ enum Command {
     },
     /// Measure clean and adversarial accuracy of the raw model and defense presets
     /// on labelled photos; writes report.json and report.md.
-    Evaluate {
-        /// Folder of labelled photos.
-        #[arg(long, default_value = "testdata/imagenet")]
-        images: PathBuf,
-        /// CSV `file,class_id` [default: IMAGES/labels.csv]
-        #[arg(long)]
-        labels: Option<PathBuf>,
-        #[arg(long, value_delimiter = ',', default_value = "default")]
-        presets: Vec<String>,
-        /// L∞ budgets, as fractions like 4/255 or decimals.
-        #[arg(long, value_delimiter = ',', default_value = "4/255,8/255")]
-        eps: Vec<String>,
-        /// Query budget per attack.
-        #[arg(long, default_value_t = 1000)]
-        queries: usize,
-        #[arg(long, default_value_t = 20)]
-        max_images: usize,
-        #[arg(long, default_value = "reports/evaluate")]
-        out: PathBuf,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Also set the squeeze threshold on clean variants (5% false positives).
-        #[arg(long)]
-        calibrate: bool,
-        /// square / nes attack the raw model (transfer); square-eot / nes-eot attack
-        /// each preset's pipeline itself with EOT (adaptive).
-        #[arg(long, value_delimiter = ',', default_value = "square,square-eot")]
-        attacks: Vec<String>,
-        /// Query budget of the adaptive attacks (each query is --eot defended answers).
-        #[arg(long, default_value_t = 100)]
-        adaptive_queries: usize,
-        /// Photos attacked adaptively (the first ones the raw model gets right).
-        #[arg(long, default_value_t = 8)]
-        adaptive_images: usize,
-        /// Draws of the defense's randomness averaged per adaptive query.
-        #[arg(long, default_value_t = 2)]
-        eot: usize,
-        /// Noise levels of the certified-accuracy curves (empty: none).
-        #[arg(long, value_delimiter = ',', default_value = "0.12,0.25")]
-        certify_sigmas: Vec<f32>,
-        /// CERTIFY's estimation samples n.
-        #[arg(long, default_value_t = 200)]
-        certify_samples: u32,
-        /// Square Attack's initial fraction of changed pixels (the paper's 0.05 fooled
-        /// Lite0 on 12/17 photos at 4/255, 0.15 on 14/17: README "Red team").
-        #[arg(long, default_value_t = 0.15)]
-        p_init: f32,
-        /// Presets attacked adaptively [default: every preset but none].
-        #[arg(long, value_delimiter = ',')]
-        adaptive_presets: Vec<String>,
-        /// The adaptive attacker fixes the defense's noise: every candidate is scored
-        /// under the same --eot seeds (common random numbers) instead of fresh draws.
-        #[arg(long)]
-        fixed_noise: bool,
-    },
+    Evaluate(EvaluateArgs),
     /// Attack one photo (Square or NES, optionally with EOT) against the raw model, a
     /// defended preset in-process, or a running server (`--url`); writes the adversarial
     /// PNG at the model's input size and prints one JSON line.
     Attack(AttackArgs),
     /// List the configured models and check their files.
     Models,
+}
+
+#[derive(clap::Args)]
+struct EvaluateArgs {
+    /// Folder of labelled photos.
+    #[arg(long, default_value = "testdata/imagenet")]
+    images: PathBuf,
+    /// CSV `file,class_id` [default: IMAGES/labels.csv]
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    #[arg(long, value_delimiter = ',', default_value = "default")]
+    presets: Vec<String>,
+    /// L∞ budgets, as fractions like 4/255 or decimals.
+    #[arg(long, value_delimiter = ',', default_value = "4/255,8/255")]
+    eps: Vec<String>,
+    /// Query budget per attack.
+    #[arg(long, default_value_t = 1000)]
+    queries: usize,
+    #[arg(long, default_value_t = 20)]
+    max_images: usize,
+    #[arg(long, default_value = "reports/evaluate")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also set the squeeze threshold on clean variants (5% false positives).
+    #[arg(long)]
+    calibrate: bool,
+    /// square / nes attack the raw model (transfer); square-eot / nes-eot attack
+    /// each preset's pipeline itself with EOT (adaptive).
+    #[arg(long, value_delimiter = ',', default_value = "square,square-eot")]
+    attacks: Vec<String>,
+    /// Query budget of the adaptive attacks (each query is --eot defended answers).
+    #[arg(long, default_value_t = 100)]
+    adaptive_queries: usize,
+    /// Photos attacked adaptively (the first ones the raw model gets right).
+    #[arg(long, default_value_t = 8)]
+    adaptive_images: usize,
+    /// Draws of the defense's randomness averaged per adaptive query.
+    #[arg(long, default_value_t = 2)]
+    eot: usize,
+    /// Noise levels of the certified-accuracy curves (empty: none).
+    #[arg(long, value_delimiter = ',', default_value = "0.12,0.25")]
+    certify_sigmas: Vec<f32>,
+    /// CERTIFY's estimation samples n.
+    #[arg(long, default_value_t = 200)]
+    certify_samples: u32,
+    /// Square Attack's initial fraction of changed pixels (the paper's 0.05 fooled
+    /// Lite0 on 12/17 photos at 4/255, 0.15 on 14/17: README "Red team").
+    #[arg(long, default_value_t = 0.15)]
+    p_init: f32,
+    /// Presets attacked adaptively [default: every preset but none].
+    #[arg(long, value_delimiter = ',')]
+    adaptive_presets: Vec<String>,
+    /// The adaptive attacker fixes the defense's noise: every candidate is scored
+    /// under the same --eot seeds (common random numbers) instead of fresh draws.
+    #[arg(long)]
+    fixed_noise: bool,
+}
+
+impl EvaluateArgs {
+    fn into_options(self) -> Result<EvaluateOptions, String> {
+        if self.eot == 0 {
+            return Err("--eot must be at least 1".into());
+        }
+        Ok(EvaluateOptions {
+            images: self.images,
+            labels: self.labels,
+            presets: self.presets,
+            epsilons: self.eps.iter().map(|e| parse_fraction(e)).collect::<Result<Vec<_>, _>>()?,
+            queries: self.queries,
+            max_images: self.max_images,
+            out: self.out,
+            seed: self.seed,
+            calibrate: self.calibrate,
+            attacks: self
+                .attacks
+                .iter()
+                .map(|a| AttackKind::parse(a).map_err(|e| e.to_string()))
+                .collect::<Result<_, _>>()?,
+            adaptive_queries: self.adaptive_queries,
+            adaptive_images: self.adaptive_images,
+            eot: self.eot,
+            certify_sigmas: self.certify_sigmas.into_iter().filter(|s| *s > 0.0).collect(),
+            certify_samples: self.certify_samples,
+            p_init: Some(self.p_init),
+            adaptive_presets: self.adaptive_presets,
+            fixed_noise: self.fixed_noise,
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -216,7 +253,7 @@ pub fn main() -> ExitCode {
     let config_path = cli.config.clone().or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.is_file()));
     let config = match Config::load(config_path.as_deref(), &overrides) {
         Ok(config) => config,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return fail(&e),
     };
     let serving = matches!(cli.command, Command::Serve { .. });
     crate::telemetry::init_logging(serving && config.server.log_format == "json");
@@ -243,56 +280,10 @@ pub fn main() -> ExitCode {
             }
             runtime.block_on(classify(config, &pairs, &images))
         }
-        Command::Evaluate {
-            images,
-            labels,
-            presets,
-            eps,
-            queries,
-            max_images,
-            out,
-            seed,
-            calibrate,
-            attacks,
-            adaptive_queries,
-            adaptive_images,
-            eot,
-            certify_sigmas,
-            certify_samples,
-            p_init,
-            adaptive_presets,
-            fixed_noise,
-        } => {
-            let epsilons = match eps.iter().map(|e| parse_fraction(e)).collect::<Result<Vec<_>, _>>() {
-                Ok(epsilons) => epsilons,
+        Command::Evaluate(args) => {
+            let options = match args.into_options() {
+                Ok(options) => options,
                 Err(e) => return fail(&e),
-            };
-            let attacks = match attacks.iter().map(|a| AttackKind::parse(a)).collect::<Result<Vec<_>, _>>() {
-                Ok(attacks) => attacks,
-                Err(e) => return fail(&e),
-            };
-            if eot == 0 {
-                return fail("--eot must be at least 1");
-            }
-            let options = EvaluateOptions {
-                images,
-                labels,
-                presets,
-                epsilons,
-                queries,
-                max_images,
-                out,
-                seed,
-                calibrate,
-                attacks,
-                adaptive_queries,
-                adaptive_images,
-                eot,
-                certify_sigmas: certify_sigmas.into_iter().filter(|s| *s > 0.0).collect(),
-                certify_samples,
-                p_init: Some(p_init),
-                adaptive_presets,
-                fixed_noise,
             };
             match crate::redteam::evaluate::run(&runtime, config, &options) {
                 Ok(_) => {
@@ -313,7 +304,7 @@ pub fn main() -> ExitCode {
                         println!("{line}");
                         ExitCode::SUCCESS
                     }
-                    Err(e) => fail(&e.to_string()),
+                    Err(e) => fail(&e),
                 },
                 Err(e) => fail(&e),
             }
@@ -322,7 +313,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn fail(message: &str) -> ExitCode {
+fn fail(message: &dyn std::fmt::Display) -> ExitCode {
     eprintln!("pandaguard: {message}");
     ExitCode::FAILURE
 }
@@ -337,43 +328,50 @@ pub fn parse_fraction(text: &str) -> Result<f32, String> {
 }
 
 async fn classify(config: Config, pairs: &[(String, String)], images: &[PathBuf]) -> ExitCode {
-    let params = match ClassifyParams::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())), &config) {
+    let defenses = Defenses::standard();
+    let params = ClassifyQuery::from_pairs(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .and_then(|query| ClassifyParams::resolve(&query, &config, &defenses));
+    let params = match params {
         Ok(params) => params,
-        Err(e) => return fail(&e.to_string()),
+        Err(e) => return fail(&e),
     };
     let config = Arc::new(config);
-    // Only the models this request needs: the raw model, plus the ensemble members.
+    // Only the models this request needs: the raw model, plus the models a defense
+    // that reads `models` may use (the named ones, else every configured model).
     let raw = params.model.clone().unwrap_or_else(|| config.models.default.clone());
     let mut names = vec![raw];
-    if params.defense.defenses.contains(&crate::defense::DefenseKind::Ensemble) {
+    let reads_models =
+        params.defense.defenses.iter().filter_map(|d| defenses.get(d)).any(|d| d.parameters().contains(&"models"));
+    if reads_models {
         let members = if params.defense.models.is_empty() { &config.models.load } else { &params.defense.models };
         names.extend(members.iter().filter(|m| !names.contains(m)).cloned().collect::<Vec<_>>());
     }
     let loader_config = Arc::clone(&config);
     let registry = match tokio::task::spawn_blocking(move || ModelRegistry::load_only(&loader_config, &names)).await {
         Ok(Ok(registry)) => Arc::new(registry),
-        Ok(Err(message)) => return fail(&message),
-        Err(e) => return fail(&e.to_string()),
+        Ok(Err(error)) => return fail(&error),
+        Err(e) => return fail(&e),
     };
-    let pipeline = Pipeline::new(config, registry);
+    let pipeline = Pipeline::with_defenses(config, registry, defenses);
     let mut failures = 0;
     for (index, path) in images.iter().enumerate() {
         let started = Instant::now();
         let result = match std::fs::read(path) {
-            Ok(bytes) => pipeline.classify(bytes.into(), &params, format!("cli-{index}"), started).await,
-            Err(e) => Err(crate::error::ApiError::BadRequest(format!("{}: {e}", path.display()))),
+            Ok(bytes) => pipeline.classify(bytes.into(), &params, started).await.map_err(ApiError::from),
+            Err(e) => Err(ApiError::BadRequest(format!("{}: {e}", path.display()))),
         };
         let line = match result {
-            Ok(answer) => serde_json::to_string(&answer),
+            Ok(outcome) => serde_json::to_string(&classify_response(&outcome, format!("cli-{index}"), params.top_k)),
             Err(error) => {
                 failures += 1;
-                let detail = ErrorDetail { code: error.code().into(), message: format!("{}: {error}", path.display()) };
-                serde_json::to_string(&ErrorResponse { error: detail })
+                let mut body = error.body();
+                body.error.message = format!("{}: {}", path.display(), body.error.message);
+                serde_json::to_string(&body)
             }
         };
         match line {
             Ok(line) => println!("{line}"),
-            Err(e) => return fail(&e.to_string()),
+            Err(e) => return fail(&e),
         }
     }
     pipeline.registry().close();

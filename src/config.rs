@@ -10,7 +10,7 @@ use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
-use crate::defense::DefenseConfig;
+use crate::defense::{DefenseConfig, Defenses};
 
 /// Environment variables with the `PANDAGUARD_` prefix that are not configuration keys.
 const NON_CONFIG_ENV: &[&str] = &["config", "log", "api_keys_file"];
@@ -344,7 +344,7 @@ impl Config {
             (1..=self.classify.max_top_k).contains(&self.classify.default_top_k),
             "classify.default_top_k must be between 1 and classify.max_top_k".into(),
         );
-        problems.extend(self.defense.problems(&self.models.load));
+        problems.extend(self.defense.problems(&self.models.load, &Defenses::standard()));
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 

@@ -1,13 +1,23 @@
 //! pandaguard: an image-classification server that answers with the raw prediction
 //! and one defended against adversarial examples.
 //!
-//! Reading order, following a request:
-//! - [`http`]: routes and handlers (`POST /classify` in `http/classify.rs`).
-//! - [`pipeline`]: bytes → image → model input → engine → prediction.
-//! - [`imaging`]: decoding under limits, resizing, normalizing.
-//! - [`engine`]: per-model batching queue and the ONNX Runtime session that owns a thread.
-//! - [`model`]: model cards, labels, the registry of loaded models.
-//! - [`config`], [`runtime`] (finding ONNX Runtime), [`telemetry`], [`cli`].
+//! Reading order, following a request from the socket to the answer (each module's
+//! first comment says what it owns and what it must not import):
+//! 1. [`http`]: routes, handlers, middleware, the error enum mapped to statuses, the
+//!    JSON answer built from an outcome (`POST /classify` is `http/classify.rs`).
+//! 2. [`params`]: the query parameters, one struct, resolved against presets and limits.
+//! 3. [`pipeline`]: bytes → image → views → engine → per-defense answers → [`pipeline::Outcome`].
+//! 4. [`imaging`]: decoding under limits, resizing, normalizing.
+//! 5. [`defense`]: the `Defense` trait and the defenses (views, predictions, combination);
+//!    [`stats`] holds smoothing's statistics, [`prediction`] softmax and ranking.
+//! 6. [`engine`]: per-model batching queue and the ONNX Runtime session on its own thread.
+//! 7. [`model`]: model cards, labels, the registry of loaded models.
+//! 8. [`api`]: the JSON types of the API (the wire format, shared with clients).
+//!
+//! Beside the request path: [`attack`] (Square, NES, EOT against an oracle) and
+//! [`redteam`] (oracles, `attack` and `evaluate` commands, charts) — used by the CLI,
+//! never by the server; [`config`], [`runtime`] (finding ONNX Runtime), [`telemetry`],
+//! [`cli`].
 
 pub mod api;
 pub mod attack;
@@ -15,7 +25,6 @@ pub mod cli;
 pub mod config;
 pub mod defense;
 pub mod engine;
-pub mod error;
 pub mod http;
 pub mod imaging;
 pub mod model;

@@ -1,7 +1,5 @@
-//! From a model's output row to probabilities and a ranked prediction.
-
-use crate::api::{ClassScore, Prediction};
-use crate::model::Labels;
+//! Probability arithmetic shared by the pipeline, the defenses and the attacks:
+//! softmax, ranking, argmax. Pure functions; imports nothing of the crate.
 
 /// Numerically stable softmax.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -27,23 +25,6 @@ pub fn top_indices(values: &[f32], k: usize) -> Vec<usize> {
 /// The index of the largest value.
 pub fn argmax(values: &[f32]) -> usize {
     top_indices(values, 1).first().copied().unwrap_or(0)
-}
-
-pub fn ranked(probabilities: &[f32], labels: &Labels, k: usize) -> Vec<ClassScore> {
-    top_indices(probabilities, k)
-        .into_iter()
-        .map(|i| ClassScore { class_id: i, label: labels.name(i).to_string(), probability: probabilities[i] })
-        .collect()
-}
-
-pub fn predict(probabilities: &[f32], labels: &Labels, k: usize) -> Prediction {
-    let class_id = argmax(probabilities);
-    Prediction {
-        class_id,
-        label: labels.name(class_id).to_string(),
-        confidence: probabilities.get(class_id).copied().unwrap_or(0.0),
-        top_k: ranked(probabilities, labels, k),
-    }
 }
 
 #[cfg(test)]

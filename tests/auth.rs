@@ -11,7 +11,7 @@ use std::io::Write;
 use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{TestServer, read, root, samples, test_config};
+use common::{TestServer, client, photo, root, test_config};
 use pandaguard::api::{ClassifyResponse, ErrorResponse};
 use pandaguard::config::ApiKey;
 use reqwest::StatusCode;
@@ -55,13 +55,9 @@ static SERVER: LazyLock<TestServer> = LazyLock::new(|| {
     TestServer::start(config)
 });
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
-}
-
+/// The thatch photo (512 × 512 JPEG) and its class.
 fn thatch() -> (Vec<u8>, usize) {
-    let (path, class) = samples().into_iter().find(|(p, _)| p.ends_with("imagenet_05_853.jpg")).unwrap();
-    (read(&path), class)
+    photo("imagenet_05_853.jpg")
 }
 
 async fn classify(key: Option<&str>, request_id: &str) -> reqwest::Response {

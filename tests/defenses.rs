@@ -5,13 +5,16 @@
 mod common;
 
 use std::sync::{Arc, LazyLock};
-use std::time::Duration;
 
-use common::{TestServer, read, samples, test_config};
-use pandaguard::api::{ClassifyResponse, ErrorResponse};
+use common::{TestServer, client, photo, read, samples, test_config};
+use pandaguard::api::{ClassifyResponse, DefenseReport, ErrorResponse};
 use pandaguard::attack::Goal;
-use pandaguard::attack::square::{Norm, SquareConfig, square_attack};
-use pandaguard::defense::report::DefenseDetails;
+use pandaguard::attack::Norm;
+use pandaguard::attack::square::{SquareConfig, square_attack};
+use pandaguard::defense::blur::BlurDetails;
+use pandaguard::defense::ensemble::EnsembleDetails;
+use pandaguard::defense::saccade::SaccadeDetails;
+use pandaguard::defense::smooth::SmoothDetails;
 use pandaguard::imaging::{DecodeLimits, ModelImage, decode, fit_to_input};
 use pandaguard::model::ModelRegistry;
 use pandaguard::redteam::evaluate::png_bytes;
@@ -26,19 +29,15 @@ static SERVER: LazyLock<TestServer> = LazyLock::new(|| {
     TestServer::start(config)
 });
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(120)).build().unwrap()
-}
-
 async fn classify(body: Vec<u8>, query: &str) -> ClassifyResponse {
     let response = client().post(SERVER.url(&format!("/classify?{query}"))).body(body).send().await.unwrap();
     assert_eq!(response.status(), StatusCode::OK, "{query}");
     response.json().await.unwrap()
 }
 
-fn photo(name: &str) -> (Vec<u8>, usize) {
-    let (path, class) = samples().into_iter().find(|(p, _)| p.ends_with(name)).unwrap();
-    (read(&path), class)
+/// A defense's details as its own type (they travel as JSON).
+fn details<T: serde::de::DeserializeOwned>(report: &DefenseReport) -> T {
+    serde_json::from_str(report.details.get()).unwrap_or_else(|e| panic!("{} details: {e}", report.name))
 }
 
 fn names(answer: &ClassifyResponse) -> Vec<&str> {
@@ -61,7 +60,7 @@ async fn every_preset_answers_raw_and_defended_side_by_side() {
     assert_eq!(default.preset, "default");
     assert_eq!(names(&default), ["ensemble"]);
     assert_eq!(default.rows, 3 * 17, "each model: the plain view and 16 noisy views");
-    let DefenseDetails::Ensemble(details) = &default.defenses[0].details else { panic!("ensemble details") };
+    let details: EnsembleDetails = details(&default.defenses[0]);
     let members: Vec<&str> = details.members.iter().map(|m| m.model.as_str()).collect();
     assert_eq!(members, MODELS);
 
@@ -88,8 +87,9 @@ async fn each_defense_reports_its_own_answer_and_details() {
     assert_eq!(names(&answer), ["smooth", "blur", "saccade", "ensemble"]);
     assert_eq!(answer.defended.method, "mean of smooth, blur, saccade, ensemble");
     for defense in &answer.defenses {
-        match &defense.details {
-            DefenseDetails::Smooth(s) => {
+        match defense.name.as_str() {
+            "smooth" => {
+                let s: SmoothDetails = details(defense);
                 assert!(s.samples_used >= 1 && s.samples_used <= 64);
                 assert_eq!(*s.planned_looks.last().unwrap(), 64);
                 let votes: u64 = s.votes.iter().map(|v| v.count).sum();
@@ -106,11 +106,13 @@ async fn each_defense_reports_its_own_answer_and_details() {
                     None => assert!(certificate.abstained && certificate.p_lower <= 0.5),
                 }
             }
-            DefenseDetails::Blur(b) => {
+            "blur" => {
+                let b: BlurDetails = details(defense);
                 assert_eq!(defense.views, 2);
                 assert!(b.gaussian.confidence > 0.0 && b.median.confidence > 0.0);
             }
-            DefenseDetails::Saccade(s) => {
+            "saccade" => {
+                let s: SaccadeDetails = details(defense);
                 assert_eq!(s.fixations.len(), 3);
                 assert_eq!(defense.views, 4, "three crops and the full view");
                 for f in &s.fixations {
@@ -118,7 +120,8 @@ async fn each_defense_reports_its_own_answer_and_details() {
                     assert!(f.x > 0.0 && f.x < 512.0 && f.y > 0.0 && f.y < 512.0 && f.size > 0.0, "{f:?}");
                 }
             }
-            DefenseDetails::Ensemble(e) => assert_eq!(e.members.len(), 3),
+            "ensemble" => assert_eq!(details::<EnsembleDetails>(defense).members.len(), 3),
+            other => panic!("unexpected defense {other}"),
         }
     }
 }
@@ -165,7 +168,7 @@ async fn a_server_can_refuse_client_seeds() {
 async fn a_clean_confident_photo_settles_before_the_sample_budget() {
     let (image, class) = photo("imagenet_08_915.jpg");
     let answer = classify(image, "defense=smooth&samples=128&seed=3").await;
-    let DefenseDetails::Smooth(details) = &answer.defenses[0].details else { panic!("smooth details") };
+    let details: SmoothDetails = details(&answer.defenses[0]);
     assert_eq!(answer.defenses[0].class_id, Some(class));
     assert!(details.samples_used < 64, "PREDICT used {} of 128 samples", details.samples_used);
     assert_eq!(answer.rows, 1 + details.samples_used as usize);

@@ -12,7 +12,7 @@ use std::io::{Cursor, Read, Write};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, read, root, samples, test_config};
+use common::{TestServer, client, photo, read, root, samples, test_config};
 use image::{DynamicImage, ImageFormat, RgbImage};
 use pandaguard::api::{ClassifyResponse, ErrorResponse};
 use reqwest::StatusCode;
@@ -29,14 +29,9 @@ static SERVER: LazyLock<TestServer> = LazyLock::new(|| {
     TestServer::start(config)
 });
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
-}
-
-/// The thatch photo (512 × 512 progressive JPEG) and its class.
+/// The thatch photo (512 × 512 JPEG) and its class.
 fn thatch() -> (Vec<u8>, usize) {
-    let (path, class) = samples().into_iter().find(|(p, _)| p.ends_with("imagenet_05_853.jpg")).unwrap();
-    (read(&path), class)
+    photo("imagenet_05_853.jpg")
 }
 
 fn thatch_rgb() -> RgbImage {
@@ -788,7 +783,7 @@ mod decode_property {
     //! `PROPTEST_CASES` raises the case count (default 200 per property).
 
     use super::*;
-    use pandaguard::error::ApiError;
+    use pandaguard::http::ApiError;
     use pandaguard::imaging::{DecodeLimits, ModelImage, decode, fit_to_input};
     use pandaguard::model::{InputSpec, ModelCard};
     use proptest::collection::vec;
@@ -823,14 +818,16 @@ mod decode_property {
     fn check(bytes: &[u8]) -> Result<(), TestCaseError> {
         match decode(bytes, &LIMITS) {
             Ok(image) => {
-                let fitted = fit_to_input(&image, &SPEC).map_err(TestCaseError::fail)?;
+                let fitted = fit_to_input(&image, &SPEC).map_err(|e| TestCaseError::fail(e.to_string()))?;
                 prop_assert_eq!(fitted.dimensions(), (SPEC.width, SPEC.height));
                 let row = ModelImage::from_rgb(&fitted).normalized(&SPEC);
                 prop_assert_eq!(row.len(), 3 * (SPEC.width * SPEC.height) as usize);
                 prop_assert!(row.iter().all(|x| x.is_finite()));
             }
-            Err(ApiError::InvalidImage(m) | ApiError::ImageTooLarge(m)) => prop_assert!(!m.is_empty()),
-            Err(other) => prop_assert!(false, "unexpected error kind: {other:?}"),
+            Err(error) => match ApiError::from(error) {
+                ApiError::InvalidImage(m) | ApiError::ImageTooLarge(m) => prop_assert!(!m.is_empty()),
+                other => prop_assert!(false, "unexpected error kind: {other:?}"),
+            },
         }
         Ok(())
     }

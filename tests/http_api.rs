@@ -6,7 +6,7 @@ mod common;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, read, samples, test_config};
+use common::{TestServer, client, photo, read, samples, test_config};
 use pandaguard::api::{ClassifyResponse, ErrorResponse, ModelsResponse};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -20,14 +20,9 @@ static SERVER: LazyLock<TestServer> = LazyLock::new(|| {
     TestServer::start(config)
 });
 
-fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap()
-}
-
-/// A photo lite0 classifies correctly, with its class.
+/// The thatch photo (512 × 512 JPEG) and its class.
 fn thatch() -> (Vec<u8>, usize) {
-    let (path, class) = samples().into_iter().find(|(p, _)| p.ends_with("imagenet_05_853.jpg")).unwrap();
-    (read(&path), class)
+    photo("imagenet_05_853.jpg")
 }
 
 async fn post(url: &str, content_type: Option<&str>, body: Vec<u8>) -> reqwest::Response {
@@ -284,7 +279,39 @@ async fn models_health_metrics_and_openapi_endpoints() {
         assert!(responses.get(status).is_some(), "/openapi.json lacks {status} for /classify");
     }
     assert!(spec["paths"]["/health/ready"]["get"]["responses"].get("503").is_some());
-    assert!(spec["components"]["schemas"].get("ClassifyResponse").is_some());
+    let schemas = &spec["components"]["schemas"];
+    for schema in
+        ["ClassifyResponse", "SmoothDetails", "CertifyReport", "EnsembleDetails", "SaccadeDetails", "BlurDetails"]
+    {
+        assert!(schemas.get(schema).is_some(), "/openapi.json lacks the {schema} schema");
+    }
+}
+
+/// The OpenAPI document lists exactly the query parameters the parser accepts: every
+/// documented one is known to the server (a value for it is never refused as an
+/// unknown parameter) and nothing else is.
+#[tokio::test]
+async fn the_documented_query_parameters_are_the_accepted_ones() {
+    let spec: Value = client().get(SERVER.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
+    let documented: Vec<String> = spec["paths"]["/classify"]["post"]["parameters"]
+        .as_array()
+        .expect("/classify lists parameters")
+        .iter()
+        .filter(|p| p["in"] == "query")
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(documented, pandaguard::params::ClassifyQuery::names());
+    assert!(documented.iter().any(|p| p == "ensemble_samples"));
+    let (image, _) = thatch();
+    for name in documented.iter().map(String::as_str).chain(["top-k", "temperature"]) {
+        let response = post(&SERVER.url(&format!("/classify?{name}=x")), None, image.clone()).await;
+        assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY, "{name}=x");
+        let error: ErrorResponse = response.json().await.unwrap();
+        let unknown = error.error.message.contains("unknown parameter");
+        let known = documented.iter().any(|d| d == name);
+        assert_eq!(unknown, !known, "{name}: {}", error.error.message);
+        assert!(error.error.message.contains(&format!("`{name}`")), "{name}: {}", error.error.message);
+    }
 }
 
 /// A replica whose batcher holds rows for 3 s with room for 2 rows, sent three

@@ -7,7 +7,7 @@
 //! nginx must be installed (`make setup` installs it from Debian's packages); without
 //! it these tests fail rather than skip.
 
-mod support;
+mod common;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::{Replica, Scratch, find_nginx, free_port, get, raw_class_id, request, root, samples};
 use pandaguard::config::{CliOverrides, Config};
-use support::{Replica, Scratch, find_nginx, free_port, get, raw_class_id, request, root, samples};
 
 const REPLICAS: usize = 3;
 const DRAIN_DELAY_MS: &str = "1500";

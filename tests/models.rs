@@ -7,9 +7,10 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::Instant;
 
+use common::paths::tiny_models;
 use common::{read, root, samples, test_config, venv_python};
 use pandaguard::imaging::{DecodeLimits, ModelImage, decode, fit_to_input};
-use pandaguard::model::{ModelCard, ModelRegistry, sha256_file};
+use pandaguard::model::{ModelCard, ModelRegistry, OutputKind, sha256_file};
 use pandaguard::params::ClassifyParams;
 use pandaguard::pipeline::Pipeline;
 
@@ -93,9 +94,8 @@ async fn models_reach_their_recorded_accuracy_on_labelled_photos() {
         params.model = Some(name.to_string());
         let mut correct = 0;
         for (path, class) in &photos {
-            let answer =
-                pipeline.classify(read(path).into(), &params, "accuracy".into(), Instant::now()).await.unwrap();
-            correct += usize::from(answer.raw.class_id == *class);
+            let outcome = pipeline.classify(read(path).into(), &params, Instant::now()).await.unwrap();
+            correct += usize::from(outcome.raw_class() == *class);
         }
         let top1 = correct as f64 / photos.len() as f64;
         let card = &registry.get(name).unwrap().card;
@@ -121,4 +121,38 @@ fn floats_to_bytes(values: &[f32]) -> Vec<u8> {
 
 fn bytes_to_floats(bytes: &[u8]) -> Vec<f32> {
     bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// A model whose graph already ends in softmax (card: `output.kind = "probabilities"`)
+/// is served its own probabilities, not softmax applied twice; a logits model gets
+/// softmax once. The two tiny models compute the same function, so they must agree.
+#[tokio::test]
+async fn output_kind_decides_whether_softmax_is_applied() {
+    let dir = tempdir("output-kind");
+    tiny_models(&dir);
+    let mut config = test_config(&["tiny-linear", "tiny-softmax"]);
+    config.models.dir = dir.clone();
+    let config = Arc::new(config);
+    let registry = Arc::new(ModelRegistry::load(&config).unwrap());
+    assert_eq!(registry.get("tiny-softmax").unwrap().card.output.kind, OutputKind::Probabilities);
+    let pipeline = Pipeline::new(Arc::clone(&config), Arc::clone(&registry));
+    // Mean pixel 103/255 = 0.404, just above the boundary at 0.4: logits ±1.51, so
+    // softmax once gives 0.953 for "bright" and softmax twice would give 0.712.
+    let mut png = std::io::Cursor::new(Vec::new());
+    image::RgbImage::from_pixel(8, 8, image::Rgb([103; 3])).write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let mut answers = Vec::new();
+    for model in ["tiny-linear", "tiny-softmax"] {
+        let params = pipeline.params([("model", model), ("defense", "none")]).unwrap();
+        let outcome = pipeline.classify(png.get_ref().clone().into(), &params, Instant::now()).await.unwrap();
+        answers.push(outcome.raw);
+    }
+    let z: f32 = 3.0 * 64.0 * ((103.0 / 255.0 - 0.5) / 0.5);
+    let logit = z + 0.2 * 192.0;
+    let expected = 1.0 / (1.0 + (-2.0 * logit).exp());
+    for (model, raw) in ["tiny-linear", "tiny-softmax"].iter().zip(&answers) {
+        assert!((raw[0] - expected).abs() < 1e-4, "{model}: p(bright) {} expected {expected}", raw[0]);
+        assert!((raw.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+    }
+    registry.close();
+    let _ = std::fs::remove_dir_all(dir);
 }

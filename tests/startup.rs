@@ -2,14 +2,14 @@
 //! readiness during model loading, the drain on SIGTERM/SIGINT, and replicas whose
 //! model files are missing or corrupt.
 
-mod support;
+mod common;
 
 use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use support::{Replica, Scratch, free_port, get, raw_class_id, read_response, request, root, samples};
+use common::{Replica, Scratch, free_port, get, raw_class_id, read_response, request, root, samples};
 
 /// Generous bounds: a loaded 2-core CI machine is slow, never this slow.
 const START_BOUND: Duration = Duration::from_secs(180);

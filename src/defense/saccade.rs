@@ -19,16 +19,21 @@
 //! - the suppression radius is half the side of the smallest requested crop, so the
 //!   smallest crops of two fixations overlap by at most half.
 
-use image::RgbImage;
-use serde::Serialize;
+use std::sync::Arc;
 
-use crate::defense::filters::{foveate, gaussian_blur_into};
-use crate::defense::report::{
-    DefenseDetails, DefenseReport, FixationReport, SaccadeDetails, ViewPrediction, mean_probabilities,
+use image::RgbImage;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa::openapi::{RefOr, Schema};
+
+use super::filters::{foveate, gaussian_blur_into};
+use super::settings::within;
+use super::{
+    Defense, DefenseError, DefenseLimits, DefenseOutcome, DefenseRun, DefenseSettings, Outputs, Request, RowRange,
+    SettingsError, Source, ViewPrediction, Views, mean_probabilities,
 };
-use crate::imaging::{ModelImage, Region, resize_region};
-use crate::model::{InputSpec, Labels};
-use crate::prediction::argmax;
+use crate::imaging::{ModelImage, Region, ResizeError, resize_region};
+use crate::model::{InputSpec, Labels, LoadedModel};
 
 /// Longer side of the entropy map used by [`fixations`], in pixels.
 pub const ENTROPY_MAP_SIDE: u32 = 128;
@@ -320,7 +325,7 @@ pub fn saccade_views(
     spec: &InputSpec,
     fixations: &[Fixation],
     blur_sigma: f32,
-) -> Result<Vec<ModelImage>, String> {
+) -> Result<Vec<ModelImage>, ResizeError> {
     let (width, height) = image.dimensions();
     let view_side = spec.width.min(spec.height) as f32;
     let (sharp_radius, blur_radius) = (FOVEA_SHARP_FRACTION * view_side, FOVEA_BLUR_FRACTION * view_side);
@@ -341,41 +346,145 @@ pub fn saccade_views(
         .collect()
 }
 
-/// The saccade answer: the mean of the probabilities of every crop and of the full
-/// view. Probabilities rather than votes: with a handful of views votes tie often,
-/// and a confident look at the object should count for more than a glance at the
-/// background. Each fixation is reported with its own top class.
-pub fn report(fixations: &[Fixation], crops: &[Vec<f32>], full_view: &[f32], labels: &Labels) -> DefenseReport {
-    let probabilities = mean_probabilities(crops.iter().map(Vec::as_slice).chain([full_view]));
-    let class_id = argmax(&probabilities);
-    let fixations = fixations
-        .iter()
-        .zip(crops)
-        .map(|(fixation, probabilities)| {
-            let view = ViewPrediction::from_probabilities(probabilities, labels);
-            FixationReport {
-                x: fixation.x,
-                y: fixation.y,
-                size: fixation.size,
-                entropy: fixation.entropy,
-                class_id: view.class_id,
-                label: view.label,
-                confidence: view.confidence,
-            }
+pub struct Saccade;
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SaccadeDetails {
+    /// Where the model looked, most informative first, in original-image pixels.
+    pub fixations: Vec<FixationReport>,
+    /// The whole image (the raw view).
+    pub full_view: ViewPrediction,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct FixationReport {
+    /// Centre of the crop, original-image pixels.
+    pub x: f64,
+    pub y: f64,
+    /// Side of the square crop, original-image pixels.
+    pub size: f64,
+    /// Local grey-level entropy (bits) that ranked this place.
+    pub entropy: f32,
+    pub class_id: usize,
+    pub label: String,
+    pub confidence: f32,
+}
+
+impl Defense for Saccade {
+    fn name(&self) -> &'static str {
+        "saccade"
+    }
+
+    fn parameters(&self) -> &'static [&'static str] {
+        &["fixations", "blur_sigma"]
+    }
+
+    fn row_parameter(&self) -> Option<&'static str> {
+        Some("fixations")
+    }
+
+    fn check(&self, s: &DefenseSettings, l: &DefenseLimits) -> Result<(), SettingsError> {
+        within(s.fixations <= l.max_fixations, "fixations", || format!("[0, {}]", l.max_fixations))?;
+        within(s.blur_sigma > 0.0 && s.blur_sigma <= l.max_blur_sigma, "blur_sigma", || {
+            format!("(0, {}]", l.max_blur_sigma)
+        })?;
+        within(!s.scales.is_empty() && s.scales.iter().all(|x| (0.1..=1.0).contains(x)), "scales", || {
+            "[0.1, 1] (at least one)".into()
         })
-        .collect();
-    DefenseReport {
-        name: "saccade".into(),
-        class_id: Some(class_id),
-        label: Some(labels.name(class_id).to_string()),
-        confidence: probabilities.get(class_id).copied().unwrap_or(0.0),
-        abstained: false,
-        views: crops.len() + 1,
-        details: DefenseDetails::Saccade(SaccadeDetails {
-            fixations,
-            full_view: ViewPrediction::from_probabilities(full_view, labels),
-        }),
-        probabilities,
+    }
+
+    fn start(&self, request: &Request<'_>) -> Result<Box<dyn DefenseRun>, DefenseError> {
+        let settings = request.settings;
+        Ok(Box::new(SaccadeRun {
+            model: Arc::clone(request.raw),
+            labels: request.labels().clone(),
+            count: settings.fixations as usize,
+            scales: settings.scales.clone(),
+            blur_sigma: settings.blur_sigma,
+            fixations: Vec::new(),
+            full_view: None,
+            crops: None,
+            probabilities: None,
+        }))
+    }
+
+    fn details_schemas(&self) -> Vec<(String, RefOr<Schema>)> {
+        super::schemas_of::<SaccadeDetails>()
+    }
+}
+
+struct SaccadeRun {
+    model: Arc<LoadedModel>,
+    labels: Labels,
+    count: usize,
+    scales: Vec<f64>,
+    blur_sigma: f32,
+    fixations: Vec<Fixation>,
+    full_view: Option<RowRange>,
+    crops: Option<RowRange>,
+    /// (full view, crops) once observed.
+    probabilities: Option<(Vec<f32>, Vec<Vec<f32>>)>,
+}
+
+impl DefenseRun for SaccadeRun {
+    fn models(&self) -> Vec<Arc<LoadedModel>> {
+        vec![Arc::clone(&self.model)]
+    }
+
+    fn plain_models(&self) -> Vec<Arc<LoadedModel>> {
+        self.models()
+    }
+
+    fn next_rows(&self) -> Vec<(Arc<LoadedModel>, usize)> {
+        if self.probabilities.is_some() || self.count == 0 {
+            return Vec::new();
+        }
+        vec![(Arc::clone(&self.model), self.count * self.scales.len())]
+    }
+
+    fn views(&mut self, source: &Source, views: &mut Views) -> Result<(), DefenseError> {
+        self.full_view = Some(views.plain(source, &self.model)?);
+        if self.count > 0 {
+            self.fixations = fixations(&source.image, self.count, &self.scales);
+            let crops = saccade_views(&source.image, &self.model.card.input, &self.fixations, self.blur_sigma)?;
+            self.crops = Some(views.push(&self.model, &crops));
+        }
+        Ok(())
+    }
+
+    fn observe(&mut self, outputs: &Outputs) {
+        let full_view = self.full_view.map(|r| outputs.row(r).to_vec()).unwrap_or_default();
+        let crops = self.crops.map(|r| outputs.rows(r).to_vec()).unwrap_or_default();
+        self.probabilities = Some((full_view, crops));
+    }
+
+    /// The saccade answer: the mean of the probabilities of every crop and of the full
+    /// view. Probabilities rather than votes: with a handful of views votes tie often,
+    /// and a confident look at the object should count for more than a glance at the
+    /// background. Each fixation is reported with its own top class.
+    fn finish(self: Box<Self>) -> DefenseOutcome {
+        let (full_view, crops) = self.probabilities.unwrap_or_default();
+        let probabilities = mean_probabilities(crops.iter().map(Vec::as_slice).chain([full_view.as_slice()]));
+        let fixations = self
+            .fixations
+            .iter()
+            .zip(&crops)
+            .map(|(fixation, probabilities)| {
+                let view = ViewPrediction::from_probabilities(probabilities, &self.labels);
+                FixationReport {
+                    x: fixation.x,
+                    y: fixation.y,
+                    size: fixation.size,
+                    entropy: fixation.entropy,
+                    class_id: view.class_id,
+                    label: view.label,
+                    confidence: view.confidence,
+                }
+            })
+            .collect();
+        let details =
+            SaccadeDetails { fixations, full_view: ViewPrediction::from_probabilities(&full_view, &self.labels) };
+        DefenseOutcome::from_probabilities("saccade", probabilities, crops.len() + 1, &details)
     }
 }
 

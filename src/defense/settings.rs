@@ -6,31 +6,19 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum DefenseKind {
-    Smooth,
-    Blur,
-    Saccade,
-    Ensemble,
+use super::Defenses;
+
+/// A setting outside its limits; the message names the parameter.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{parameter} must be in {range}")]
+pub struct SettingsError {
+    pub parameter: &'static str,
+    pub range: String,
 }
 
-impl DefenseKind {
-    pub const ALL: [DefenseKind; 4] =
-        [DefenseKind::Smooth, DefenseKind::Blur, DefenseKind::Saccade, DefenseKind::Ensemble];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DefenseKind::Smooth => "smooth",
-            DefenseKind::Blur => "blur",
-            DefenseKind::Saccade => "saccade",
-            DefenseKind::Ensemble => "ensemble",
-        }
-    }
-
-    pub fn parse(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.name() == name)
-    }
+/// `Ok` when `ok`, else the error naming `parameter` and its allowed `range`.
+pub fn within(ok: bool, parameter: &'static str, range: impl FnOnce() -> String) -> Result<(), SettingsError> {
+    if ok { Ok(()) } else { Err(SettingsError { parameter, range: range() }) }
 }
 
 /// Everything a defended request needs to know. Presets in the config are complete
@@ -38,8 +26,8 @@ impl DefenseKind {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct DefenseSettings {
-    /// Defenses to run, in the order they are reported.
-    pub defenses: Vec<DefenseKind>,
+    /// Defenses to run (names from the registry), in the order they are reported.
+    pub defenses: Vec<String>,
     /// smooth: noise standard deviation in [0,1] pixel units.
     pub sigma: f32,
     /// smooth: most noisy samples for PREDICT, and CERTIFY's estimation samples n.
@@ -135,15 +123,21 @@ impl Default for DefenseConfig {
     /// The shipped presets (also written out in config/default.toml, with the
     /// measurements that chose them).
     fn default() -> Self {
-        use DefenseKind::*;
         let base = DefenseSettings::default();
+        let list = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         let presets = BTreeMap::from([
             ("none".to_string(), DefenseSettings { defenses: vec![], ..base.clone() }),
-            ("fast".to_string(), DefenseSettings { defenses: vec![Ensemble], ensemble_samples: 0, ..base.clone() }),
-            ("default".to_string(), DefenseSettings { defenses: vec![Ensemble], ensemble_samples: 16, ..base.clone() }),
+            (
+                "fast".to_string(),
+                DefenseSettings { defenses: list(&["ensemble"]), ensemble_samples: 0, ..base.clone() },
+            ),
+            (
+                "default".to_string(),
+                DefenseSettings { defenses: list(&["ensemble"]), ensemble_samples: 16, ..base.clone() },
+            ),
             (
                 "strong".to_string(),
-                DefenseSettings { defenses: vec![Smooth, Ensemble], samples: 128, ensemble_samples: 32, ..base },
+                DefenseSettings { defenses: list(&["smooth", "ensemble"]), samples: 128, ensemble_samples: 32, ..base },
             ),
         ]);
         Self {
@@ -158,7 +152,7 @@ impl Default for DefenseConfig {
 
 impl DefenseConfig {
     /// Problems with the presets and limits, for start-up validation.
-    pub fn problems(&self, loaded_models: &[String]) -> Vec<String> {
+    pub fn problems(&self, loaded_models: &[String], defenses: &Defenses) -> Vec<String> {
         let mut problems = Vec::new();
         if !self.presets.contains_key(&self.default_preset) {
             problems.push(format!("defense.default_preset {:?} is not a preset", self.default_preset));
@@ -167,7 +161,7 @@ impl DefenseConfig {
             problems.push("defense.squeeze_threshold must be in [0, 2]".into());
         }
         for (name, preset) in &self.presets {
-            if let Err(message) = self.check(preset) {
+            if let Err(message) = self.check(preset, defenses) {
                 problems.push(format!("defense.presets.{name}: {message}"));
             }
             for model in &preset.models {
@@ -179,37 +173,15 @@ impl DefenseConfig {
         problems
     }
 
-    /// Checks settings against the limits; the message names the parameter.
-    pub fn check(&self, s: &DefenseSettings) -> Result<(), String> {
-        let l = &self.limits;
-        let within =
-            |ok: bool, name: &str, range: String| if ok { Ok(()) } else { Err(format!("{name} must be in {range}")) };
-        within(s.sigma > 0.0 && s.sigma <= l.max_sigma, "sigma", format!("(0, {}]", l.max_sigma))?;
-        within((1..=l.max_samples).contains(&s.samples), "samples", format!("[1, {}]", l.max_samples))?;
-        within(s.ensemble_samples <= l.max_samples, "ensemble_samples", format!("[0, {}]", l.max_samples))?;
-        within((l.min_alpha..=l.max_alpha).contains(&s.alpha), "alpha", format!("[{}, {}]", l.min_alpha, l.max_alpha))?;
-        within(
-            (1..=l.max_samples).contains(&s.selection_samples),
-            "selection_samples",
-            format!("[1, {}]", l.max_samples),
-        )?;
-        within(
-            (0.0..=l.max_blur_sigma).contains(&s.denoise_sigma),
-            "denoise_sigma",
-            format!("[0, {}]", l.max_blur_sigma),
-        )?;
-        within(s.fixations <= l.max_fixations, "fixations", format!("[0, {}]", l.max_fixations))?;
-        within(
-            s.blur_sigma > 0.0 && s.blur_sigma <= l.max_blur_sigma,
-            "blur_sigma",
-            format!("(0, {}]", l.max_blur_sigma),
-        )?;
-        within((1..=3).contains(&s.median_radius), "median_radius", "[1, 3]".into())?;
-        within(
-            !s.scales.is_empty() && s.scales.iter().all(|x| (0.1..=1.0).contains(x)),
-            "scales",
-            "[0.1, 1] (at least one)".into(),
-        )?;
+    /// Checks settings against the limits: the parameters every request has, then each
+    /// listed defense its own. A defense name that is not registered is reported too.
+    pub fn check(&self, settings: &DefenseSettings, defenses: &Defenses) -> Result<(), String> {
+        for name in &settings.defenses {
+            let defense = defenses
+                .get(name)
+                .ok_or_else(|| format!("{name:?} is not a defense (defenses: {})", defenses.names().join(", ")))?;
+            defense.check(settings, &self.limits).map_err(|e| e.to_string())?;
+        }
         Ok(())
     }
 }
@@ -221,13 +193,15 @@ mod tests {
     #[test]
     fn default_presets_are_valid() {
         let config = DefenseConfig::default();
-        assert!(config.problems(&[]).is_empty(), "{:?}", config.problems(&[]));
+        let problems = config.problems(&[], &Defenses::standard());
+        assert!(problems.is_empty(), "{problems:?}");
         assert!(config.presets["none"].defenses.is_empty());
     }
 
     #[test]
     fn out_of_range_settings_name_the_parameter() {
         let config = DefenseConfig::default();
+        let all = ["smooth", "blur", "saccade", "ensemble"].map(String::from).to_vec();
         for (change, name) in [
             (DefenseSettings { sigma: 0.0, ..Default::default() }, "sigma"),
             (DefenseSettings { samples: 100_000, ..Default::default() }, "samples"),
@@ -235,8 +209,11 @@ mod tests {
             (DefenseSettings { fixations: 99, ..Default::default() }, "fixations"),
             (DefenseSettings { blur_sigma: 50.0, ..Default::default() }, "blur_sigma"),
         ] {
-            let message = config.check(&change).unwrap_err();
+            let settings = DefenseSettings { defenses: all.clone(), ..change };
+            let message = config.check(&settings, &Defenses::standard()).unwrap_err();
             assert!(message.starts_with(name), "{message}");
         }
+        let unknown = DefenseSettings { defenses: vec!["magic".into()], ..Default::default() };
+        assert!(config.check(&unknown, &Defenses::standard()).unwrap_err().contains("magic"));
     }
 }

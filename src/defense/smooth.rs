@@ -11,22 +11,28 @@
 //! the top-two binomial test settles; CERTIFY uses separate selection samples to pick
 //! the class, then estimation samples for a Clopper–Pearson lower bound on pA.
 
+use std::sync::Arc;
+
 use rand::SeedableRng;
 use rand::rngs::Xoshiro256PlusPlus;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
+use utoipa::openapi::{RefOr, Schema};
 
 use super::filters::gaussian_blur;
-use super::report::{DefenseDetails, DefenseReport, SmoothDetails, VoteCount};
-use super::settings::DefenseSettings;
+use super::settings::{DefenseLimits, DefenseSettings, SettingsError, within};
+use super::{Defense, DefenseError, DefenseOutcome, DefenseRun, Outputs, Request, RowRange, Source, Views};
 use crate::imaging::ModelImage;
-use crate::model::{InputSpec, Labels};
+use crate::model::{InputSpec, Labels, LoadedModel};
 use crate::prediction::top_indices;
 use crate::stats::{self, LookDecision, LookSchedule};
 
 /// Selection samples are numbered from here, so they never share noise with estimation samples.
 const SELECTION_STREAM: u64 = 1 << 40;
+
+/// Rows drawn per round when CERTIFY tops up its estimation samples.
+const CERTIFY_ROUND: u64 = 64;
 
 /// The noise of one request's smoothing views.
 #[derive(Debug, Clone, Copy)]
@@ -248,43 +254,265 @@ pub struct CertifyReport {
     pub abstained: bool,
 }
 
-/// The smoothing defense's answer: PREDICT's class (or an abstention) with the vote
-/// frequencies as its probability vector, and CERTIFY's result when it ran.
-pub fn report(
-    state: &PredictState,
-    certificate: Option<CertifyReport>,
-    settings: &DefenseSettings,
-    labels: &Labels,
-    views: usize,
-) -> DefenseReport {
-    let prediction = state.prediction();
-    let probabilities = state.votes.frequencies();
-    let votes = state
-        .votes
-        .ranked(5)
-        .into_iter()
-        .map(|(class_id, count)| VoteCount { class_id, label: labels.name(class_id).to_string(), count })
-        .collect();
-    DefenseReport {
-        name: "smooth".into(),
-        class_id: prediction,
-        label: prediction.map(|c| labels.name(c).to_string()),
-        confidence: prediction.map_or(0.0, |c| probabilities[c]),
-        abstained: prediction.is_none(),
-        views,
-        details: DefenseDetails::Smooth(SmoothDetails {
-            sigma: settings.sigma,
-            alpha: settings.alpha,
-            denoise_sigma: settings.denoise_sigma,
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SmoothDetails {
+    pub sigma: f32,
+    pub alpha: f64,
+    pub denoise_sigma: f32,
+    /// Noisy samples PREDICT drew (it stops as soon as its test settles).
+    pub samples_used: u64,
+    pub max_samples: u64,
+    /// Looks taken at the data; each tested at alpha / planned looks (Bonferroni).
+    pub looks: usize,
+    pub planned_looks: Vec<u64>,
+    /// Two-sided binomial test p-value of the top two counts at the last look.
+    pub p_value: f64,
+    /// Vote counts of the most voted classes.
+    pub votes: Vec<VoteCount>,
+    /// CERTIFY's result when `certify=true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate: Option<CertifyReport>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct VoteCount {
+    pub class_id: usize,
+    pub label: String,
+    pub count: u64,
+}
+
+pub struct Smooth;
+
+impl Defense for Smooth {
+    fn name(&self) -> &'static str {
+        "smooth"
+    }
+
+    fn parameters(&self) -> &'static [&'static str] {
+        &["sigma", "samples", "alpha", "certify"]
+    }
+
+    fn row_parameter(&self) -> Option<&'static str> {
+        Some("samples")
+    }
+
+    fn check(&self, s: &DefenseSettings, l: &DefenseLimits) -> Result<(), SettingsError> {
+        within(s.sigma > 0.0 && s.sigma <= l.max_sigma, "sigma", || format!("(0, {}]", l.max_sigma))?;
+        within((1..=l.max_samples).contains(&s.samples), "samples", || format!("[1, {}]", l.max_samples))?;
+        within((l.min_alpha..=l.max_alpha).contains(&s.alpha), "alpha", || {
+            format!("[{}, {}]", l.min_alpha, l.max_alpha)
+        })?;
+        within((1..=l.max_samples).contains(&s.selection_samples), "selection_samples", || {
+            format!("[1, {}]", l.max_samples)
+        })?;
+        within((0.0..=l.max_blur_sigma).contains(&s.denoise_sigma), "denoise_sigma", || {
+            format!("[0, {}]", l.max_blur_sigma)
+        })
+    }
+
+    fn start(&self, request: &Request<'_>) -> Result<Box<dyn DefenseRun>, DefenseError> {
+        let s = request.settings;
+        let classes = request.raw.card.num_classes;
+        Ok(Box::new(SmoothRun {
+            model: Arc::clone(request.raw),
+            labels: request.labels().clone(),
+            noise: Noise { sigma: s.sigma, denoise_sigma: s.denoise_sigma, seed: request.seed },
+            alpha: s.alpha,
+            samples: u64::from(s.samples),
+            selection_samples: if s.certify { u64::from(s.selection_samples) } else { 0 },
+            predict: PredictState::new(u64::from(s.samples), s.alpha, classes),
+            selection: None,
+            certify: None,
+            pending: None,
+            round: 0,
+        }))
+    }
+
+    fn details_schemas(&self) -> Vec<(String, RefOr<Schema>)> {
+        super::schemas_of::<SmoothDetails>()
+    }
+}
+
+/// CERTIFY's progress: the class the selection samples picked, and the estimation
+/// samples drawn so far (PREDICT's samples are independent of the selection samples,
+/// so they are its first estimation samples).
+struct Certifying {
+    class: Option<usize>,
+    drawn: u64,
+    count: u64,
+}
+
+/// Where the rows of the round in flight sit: estimation samples (PREDICT's or
+/// CERTIFY's) and, in the first round, CERTIFY's selection samples.
+struct Pending {
+    rows: RowRange,
+    selection: Option<RowRange>,
+}
+
+struct SmoothRun {
+    model: Arc<LoadedModel>,
+    labels: Labels,
+    noise: Noise,
+    alpha: f64,
+    samples: u64,
+    /// CERTIFY's n0 (0 = no CERTIFY).
+    selection_samples: u64,
+    predict: PredictState,
+    /// Votes of the selection samples, after the first round.
+    selection: Option<Votes>,
+    certify: Option<Certifying>,
+    pending: Option<Pending>,
+    round: usize,
+}
+
+impl SmoothRun {
+    /// The next round's estimation rows: (first row index, count); `None` when done.
+    fn next_round(&self) -> Option<(u64, u64)> {
+        let count = self.predict.next_round() as u64;
+        if count > 0 {
+            return Some((self.predict.votes.total(), count));
+        }
+        if self.selection_samples == 0 {
+            return None;
+        }
+        // CERTIFY starts once PREDICT has settled (`start_certify`); without a class
+        // from the selection samples it has nothing to estimate.
+        match &self.certify {
+            Some(Certifying { class: Some(_), drawn, count }) => self.certify_round(*drawn, *count),
+            _ => None,
+        }
+    }
+
+    /// CERTIFY tops up to `samples` estimation samples, stopping early only once the
+    /// bound can no longer pass (then it abstains).
+    fn certify_round(&self, drawn: u64, count: u64) -> Option<(u64, u64)> {
+        let hopeless = stats::certify_futile(count, drawn, self.samples, self.alpha);
+        (drawn < self.samples && !hopeless).then(|| (drawn, (self.samples - drawn).min(CERTIFY_ROUND)))
+    }
+
+    fn start_certify(&mut self) {
+        if self.certify.is_none() && self.selection_samples > 0 && self.predict.is_settled() {
+            let class = self.selection.as_ref().map(|v| v.top_two().0).filter(|(_, votes)| *votes > 0).map(|(c, _)| c);
+            let drawn = self.predict.votes.total();
+            let count = class.map_or(0, |c| self.predict.votes.count(c));
+            self.certify = Some(Certifying { class, drawn, count });
+        }
+    }
+}
+
+impl DefenseRun for SmoothRun {
+    fn models(&self) -> Vec<Arc<LoadedModel>> {
+        vec![Arc::clone(&self.model)]
+    }
+
+    fn next_rows(&self) -> Vec<(Arc<LoadedModel>, usize)> {
+        let selection = if self.round == 0 { self.selection_samples } else { 0 };
+        let estimation = self.next_round().map_or(0, |(_, count)| count);
+        match estimation + selection {
+            0 => Vec::new(),
+            rows => vec![(Arc::clone(&self.model), rows as usize)],
+        }
+    }
+
+    fn views(&mut self, source: &Source, views: &mut Views) -> Result<(), DefenseError> {
+        let (first, count) = self.next_round().unwrap_or((0, 0));
+        let rows = views.push_noise(source, &self.model, self.noise, first, count as usize)?;
+        let selection = if self.round == 0 && self.selection_samples > 0 {
+            let count = self.selection_samples as usize;
+            Some(views.push_noise(source, &self.model, self.noise, selection_index(0), count)?)
+        } else {
+            None
+        };
+        self.pending = Some(Pending { rows, selection });
+        Ok(())
+    }
+
+    fn observe(&mut self, outputs: &Outputs) {
+        let Some(Pending { rows, selection }) = self.pending.take() else { return };
+        self.round += 1;
+        if let Some(range) = selection {
+            let mut votes = Votes::new(self.model.card.num_classes);
+            votes.add_rows(outputs.rows(range));
+            self.selection = Some(votes);
+        }
+        let rows = outputs.rows(rows);
+        match &mut self.certify {
+            Some(certifying) => {
+                if let Some(class) = certifying.class {
+                    let mut votes = Votes::new(self.model.card.num_classes);
+                    votes.add_rows(rows);
+                    certifying.count += votes.count(class);
+                    certifying.drawn += rows.len() as u64;
+                }
+            }
+            None if !rows.is_empty() || !self.predict.is_settled() => self.predict.observe(rows),
+            None => {}
+        }
+        self.start_certify();
+    }
+
+    /// PREDICT's class (or an abstention) with the vote frequencies as its
+    /// probability vector, and CERTIFY's result when it ran. Samples CERTIFY did not
+    /// draw after a futile look count as votes against its class, so the bound over
+    /// all `samples` stays valid (and below 0.5: abstain).
+    fn finish(self: Box<Self>) -> DefenseOutcome {
+        let certificate = self.certify.as_ref().map(|c| {
+            let certificate = stats::certify(f64::from(self.noise.sigma), c.count, self.samples, self.alpha);
+            let drawn = if c.class.is_some() { c.drawn } else { 0 };
+            certify_report(c.class, &self.labels, self.selection_samples, drawn, certificate)
+        });
+        let state = &self.predict;
+        let prediction = state.prediction();
+        let probabilities = state.votes.frequencies();
+        let extra = certificate.as_ref().map_or(0, |c| c.estimation_samples.saturating_sub(state.votes.total()));
+        let views = (state.votes.total() + extra + self.selection_samples) as usize;
+        let votes = state
+            .votes
+            .ranked(5)
+            .into_iter()
+            .map(|(class_id, count)| VoteCount { class_id, label: self.labels.name(class_id).to_string(), count })
+            .collect();
+        let details = SmoothDetails {
+            sigma: self.noise.sigma,
+            alpha: self.alpha,
+            denoise_sigma: self.noise.denoise_sigma,
             samples_used: state.votes.total(),
-            max_samples: u64::from(settings.samples),
+            max_samples: self.samples,
             looks: state.look + 1,
             planned_looks: state.schedule.looks.clone(),
             p_value: state.p_value(),
             votes,
             certificate,
-        }),
-        probabilities,
+        };
+        DefenseOutcome {
+            name: "smooth",
+            class_id: prediction,
+            confidence: prediction.map_or(0.0, |c| probabilities[c]),
+            abstained: prediction.is_none(),
+            probabilities,
+            views,
+            details: super::to_json(&details),
+        }
+    }
+}
+
+fn certify_report(
+    class: Option<usize>,
+    labels: &Labels,
+    selection_samples: u64,
+    estimation_samples: u64,
+    certificate: stats::Certificate,
+) -> CertifyReport {
+    CertifyReport {
+        class_id: class,
+        label: class.map(|c| labels.name(c).to_string()),
+        selection_samples,
+        estimation_samples,
+        count: certificate.n_a,
+        p_lower: certificate.p_lower,
+        radius: certificate.radius,
+        max_radius: certificate.max_radius,
+        abstained: certificate.radius.is_none(),
     }
 }
 

@@ -18,8 +18,6 @@ use tokio::sync::oneshot;
 
 pub use onnx::OnnxRunner;
 
-use crate::error::ApiError;
-
 /// Something that turns a batch of rows into a batch of outputs; in production an
 /// ONNX Runtime session (`OnnxRunner`). Owned by exactly one worker thread.
 pub trait BatchRunner: 'static {
@@ -99,8 +97,8 @@ pub struct EngineOutput {
 pub enum EngineError {
     #[error("queue of model {model} is full ({queued} of {capacity} rows waiting)")]
     QueueFull { model: String, queued: usize, capacity: usize },
-    #[error("{rows} rows requested, at most {max} per request")]
-    TooManyRows { rows: usize, max: usize },
+    #[error("{rows} rows requested from model {model}, at most {max} per request")]
+    TooManyRows { model: String, rows: usize, max: usize },
     #[error("input has {got} floats, expected {expected}")]
     BadInput { got: usize, expected: usize },
     #[error("deadline passed while waiting in the queue")]
@@ -109,22 +107,9 @@ pub enum EngineError {
     Inference(String),
     #[error("the engine of model {0} has stopped")]
     Stopped(String),
-}
-
-impl EngineError {
-    /// Maps to the API error; `deadline_ms` is the request's own deadline, for the message.
-    pub fn into_api(self, deadline_ms: u64) -> ApiError {
-        match self {
-            EngineError::QueueFull { .. } => ApiError::Overloaded(self.to_string()),
-            EngineError::TooManyRows { rows, max } => ApiError::invalid_parameter(
-                "samples",
-                format!("the request needs {rows} model inputs, more than the limit of {max}"),
-            ),
-            EngineError::DeadlineExceeded => ApiError::DeadlineExceeded { deadline_ms },
-            EngineError::Stopped(_) => ApiError::NotReady(self.to_string()),
-            EngineError::BadInput { .. } | EngineError::Inference(_) => ApiError::Internal(self.to_string()),
-        }
-    }
+    /// The runner could not be built or warmed up.
+    #[error("{0}")]
+    Start(String),
 }
 
 type Reply = oneshot::Sender<Result<EngineOutput, EngineError>>;
@@ -187,7 +172,7 @@ impl Engine {
     /// Starts the worker thread, which builds its runner with `make_runner` (so the
     /// session lives and dies on the thread that owns it) and warms it up. Blocks
     /// until the runner is ready or failed.
-    pub fn start<R, F>(options: EngineOptions, make_runner: F) -> Result<Engine, String>
+    pub fn start<R, F>(options: EngineOptions, make_runner: F) -> Result<Engine, EngineError>
     where
         R: BatchRunner,
         F: FnOnce() -> Result<R, String> + Send + 'static,
@@ -221,11 +206,11 @@ impl Engine {
                 }
                 worker_shared.alive.store(false, Ordering::Release);
             })
-            .map_err(|e| format!("cannot spawn the engine thread: {e}"))?;
+            .map_err(|e| EngineError::Start(format!("cannot spawn the engine thread: {e}")))?;
         match ready_rx.recv() {
             Ok(Ok(())) => Ok(Engine { shared }),
-            Ok(Err(message)) => Err(message),
-            Err(_) => Err("the engine thread exited while loading the model".into()),
+            Ok(Err(message)) => Err(EngineError::Start(message)),
+            Err(_) => Err(EngineError::Start("the engine thread exited while loading the model".into())),
         }
     }
 
@@ -254,7 +239,11 @@ impl Engine {
             return Err(EngineError::BadInput { got: input.len(), expected: rows.max(1) * options.row_len });
         }
         if rows > options.max_rows_per_request {
-            return Err(EngineError::TooManyRows { rows, max: options.max_rows_per_request });
+            return Err(EngineError::TooManyRows {
+                model: options.name.clone(),
+                rows,
+                max: options.max_rows_per_request,
+            });
         }
         if !self.is_alive() {
             return Err(EngineError::Stopped(options.name.clone()));

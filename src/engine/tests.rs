@@ -180,5 +180,6 @@ async fn a_closed_engine_finishes_queued_work_and_refuses_new_work() {
 fn a_runner_that_fails_to_load_is_reported() {
     let err =
         Engine::start(options(4, 16), || -> Result<EchoRunner, String> { Err("no such file".into()) }).err().unwrap();
-    assert_eq!(err, "no such file");
+    assert_eq!(err.to_string(), "no such file");
+    assert!(matches!(err, EngineError::Start(_)));
 }

@@ -1,26 +1,18 @@
-//! Optional API keys: `Authorization: Bearer <key>` on every route except the probes,
-//! `/metrics` and the API documentation. Keys are kept only as SHA-256 digests and a
+//! Optional API keys: `Authorization: Bearer <key>` on the protected routes (the
+//! router in `http/mod.rs` says which: everything but the probes, `/metrics` and the
+//! API documentation). Keys are kept only as SHA-256 digests and a
 //! presented key is compared with every one of them in constant time, so neither the
 //! timing nor an early exit tells how much of a guess was right. The header itself is
 //! never logged (the access log records method, route, status and the summary only).
 
 use axum::extract::{Request, State};
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use sha2::{Digest, Sha256};
 
-use super::AppState;
+use super::{ApiError, AppState};
 use crate::config::ApiKey;
-use crate::error::ApiError;
-
-/// Paths served without a key: load balancers, scrapers and people reading the docs.
-fn is_open(path: &str) -> bool {
-    matches!(path, "/metrics" | "/openapi.json" | "/docs")
-        || path.starts_with("/health/")
-        || path.starts_with("/v2/health/")
-        || path.starts_with("/docs/")
-}
 
 /// The accepted keys as digests.
 #[derive(Clone)]
@@ -82,16 +74,31 @@ fn bearer_token(value: &str) -> Option<&str> {
 }
 
 /// Refuses requests without an accepted key with 401, the service's JSON error and
-/// `WWW-Authenticate: Bearer`. Runs inside `observe`, so a refusal still gets a
-/// request id, a metric and an access-log line.
+/// `WWW-Authenticate: Bearer`. A route layer of the protected router, inside
+/// `observe`, so a refusal still gets a request id, a metric and an access-log line.
 pub async fn require_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    match refusal(&state, request.headers()) {
+        Some(refused) => refused,
+        None => next.run(request).await,
+    }
+}
+
+/// The 401 answer when keys are required and `headers` carry no accepted one.
+pub fn refusal(state: &AppState, headers: &HeaderMap) -> Option<Response> {
     let keys = state.api_keys();
-    if !keys.required() || is_open(request.uri().path()) || keys.accepts(request.headers().get(header::AUTHORIZATION)) {
-        return next.run(request).await;
+    if !keys.required() || keys.accepts(headers.get(header::AUTHORIZATION)) {
+        return None;
     }
     let mut response = ApiError::Unauthorized.into_response();
     response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"pandaguard\""));
-    response
+    Some(response)
+}
+
+/// Unknown routes: 404, but only to a client with a key when keys are required, so a
+/// caller without one cannot probe which routes exist.
+pub async fn not_found(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    refusal(&state, &headers)
+        .unwrap_or_else(|| ApiError::NotFound("no such route; see /openapi.json".into()).into_response())
 }
 
 #[cfg(test)]
@@ -120,18 +127,5 @@ mod tests {
         assert!(!ApiKeys::new(&[]).required());
         let closed = ApiKeys::refuse_all();
         assert!(closed.required() && !closed.accepts(Some(&header("Bearer anything"))));
-    }
-
-    #[test]
-    fn probes_metrics_and_docs_are_open() {
-        for open in
-            ["/health/live", "/health/ready", "/v2/health/live", "/v2/health/ready", "/metrics", "/openapi.json"]
-        {
-            assert!(is_open(open), "{open}");
-        }
-        assert!(is_open("/docs/index.html"));
-        for closed in ["/classify", "/models", "/nowhere", "/healthz", "/metrics/x", "/v2/models"] {
-            assert!(!is_open(closed), "{closed}");
-        }
     }
 }

@@ -8,11 +8,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
-use super::AppState;
 use super::observe::{RequestContext, RequestSummary};
+use super::{ApiError, AppState, answer};
 use crate::api::{ClassifyResponse, ErrorResponse, Timing};
-use crate::error::ApiError;
-use crate::params::ClassifyParams;
+use crate::params::{ClassifyParams, ClassifyQuery, ParamError, ParamProblem};
 
 /// Media types taken as a raw image body. The bytes decide the format; the type only
 /// has to be plausible. `application/x-www-form-urlencoded` is what
@@ -37,19 +36,7 @@ const RAW_IMAGE_TYPES: &[&str] = &[
 /// `application/octet-stream`), or `multipart/form-data` with a field `image`.
 #[utoipa::path(post, path = "/classify", tag = "classify",
     security((), ("bearer" = [])),
-    params(
-        ("model" = Option<String>, Query, description = "Model for the prediction (default from config; see /models)"),
-        ("top_k" = Option<usize>, Query, description = "Classes to list, 1 to classify.max_top_k (default 5, at most 20)"),
-        ("defense" = Option<String>, Query, description = "A preset (default, fast, strong, none) or a comma list of smooth, blur, saccade, ensemble"),
-        ("sigma" = Option<f32>, Query, description = "smooth: noise standard deviation in [0,1] pixel units"),
-        ("samples" = Option<u32>, Query, description = "smooth: most noisy samples (PREDICT stops earlier once its test settles); CERTIFY's n"),
-        ("alpha" = Option<f64>, Query, description = "smooth: error level of PREDICT's test and CERTIFY's bound"),
-        ("certify" = Option<bool>, Query, description = "smooth: also run CERTIFY and report a certified L2 radius"),
-        ("fixations" = Option<u32>, Query, description = "saccade: number of fixations"),
-        ("blur_sigma" = Option<f32>, Query, description = "blur: Gaussian sigma in pixels (also the saccade periphery)"),
-        ("models" = Option<String>, Query, description = "ensemble: comma list of models (default: all loaded)"),
-        ("seed" = Option<u64>, Query, description = "Seed of the random views; the same seed and image give the same answer"),
-    ),
+    params(ClassifyQuery),
     request_body(description = "The image bytes, or multipart/form-data with an `image` field",
         content(
             (Vec<u8> = "image/jpeg"), (Vec<u8> = "image/png"), (Vec<u8> = "image/webp"), (Vec<u8> = "image/gif"),
@@ -73,12 +60,9 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
         .get::<RequestContext>()
         .cloned()
         .ok_or_else(|| ApiError::Internal("request context missing".into()))?;
-    let params = ClassifyParams::from_query(request.uri().query(), state.config())?;
+    let params = ClassifyParams::from_query(request.uri().query(), state.config(), state.defenses())?;
     if params.seed.is_some() && !state.config().defense.allow_client_seed {
-        return Err(ApiError::invalid_parameter(
-            "seed",
-            "this server draws the defenses' noise itself (defense.allow_client_seed = false)",
-        ));
+        return Err(ParamError::new("seed", ParamProblem::SeedRefused).into());
     }
     let pipeline = state.pipeline()?;
     let timeout = pipeline.request_timeout();
@@ -90,9 +74,10 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
         .await
         .map_err(|_| ApiError::BodyTimeout { deadline_ms })??;
 
-    let answer = tokio::time::timeout_at(deadline, pipeline.classify(body, &params, context.id, context.arrived))
+    let outcome = tokio::time::timeout_at(deadline, pipeline.classify(body, &params, context.arrived))
         .await
         .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
+    let answer = answer::classify_response(&outcome, context.id, params.top_k);
 
     let summary =
         RequestSummary { model: answer.model.clone(), rows: answer.rows, suspicious: Some(answer.suspicious) };

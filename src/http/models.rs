@@ -1,9 +1,10 @@
+//! `GET /models`: the loaded models with their cards and queue depth.
+
 use axum::Json;
 use axum::extract::State;
 
-use super::AppState;
+use super::{ApiError, AppState};
 use crate::api::{ErrorResponse, ModelInfo, ModelsResponse};
-use crate::error::ApiError;
 
 /// The loaded models with their cards.
 #[utoipa::path(get, path = "/models", tag = "models",

@@ -10,7 +10,7 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
+use super::{AppState, RouteLabel};
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -29,16 +29,15 @@ pub struct RequestSummary {
     pub suspicious: Option<bool>,
 }
 
-const ROUTES: &[&str] = &[
-    "/classify",
-    "/models",
-    "/health/live",
-    "/health/ready",
-    "/v2/health/live",
-    "/v2/health/ready",
-    "/metrics",
-    "/openapi.json",
-];
+/// Marks a response the access log leaves out (probes and scrapes).
+#[derive(Debug, Clone, Copy)]
+pub struct Quiet;
+
+/// Response mapper for routes whose requests are not logged.
+pub async fn quiet(mut response: Response) -> Response {
+    response.extensions_mut().insert(Quiet);
+    response
+}
 
 pub async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
     let arrived = Instant::now();
@@ -50,12 +49,11 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         .map(str::to_string)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let method = request.method().clone();
-    let path = request.uri().path().to_string();
-    // Label by route, never by raw path: arbitrary paths would explode the label set.
-    let route = ROUTES.iter().find(|r| **r == path).copied().unwrap_or("other");
     request.extensions_mut().insert(RequestContext { id: id.clone(), arrived });
 
     let mut response = next.run(request).await;
+    // Label by matched route, never by raw path: arbitrary paths would explode the label set.
+    let route = response.extensions().get::<RouteLabel>().map_or_else(|| "other".to_string(), |r| r.0.clone());
 
     let status = response.status();
     let headers = response.headers_mut();
@@ -66,14 +64,14 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
         headers.insert(header::RETRY_AFTER, HeaderValue::from(state.config().server.retry_after_seconds));
     }
     let latency = arrived.elapsed();
-    metrics::counter!("pandaguard_http_requests_total", "route" => route, "status" => status.as_str().to_string())
+    metrics::counter!("pandaguard_http_requests_total", "route" => route.clone(), "status" => status.as_str().to_string())
         .increment(1);
-    metrics::histogram!("pandaguard_http_request_seconds", "route" => route).record(latency.as_secs_f64());
+    metrics::histogram!("pandaguard_http_request_seconds", "route" => route.clone()).record(latency.as_secs_f64());
 
     let summary = response.extensions().get::<RequestSummary>().cloned().unwrap_or_default();
-    // Probes and scrapes would drown the log. Only these fields are logged: never a
-    // header (so never `Authorization`), a query string or a body.
-    if !matches!(route, "/metrics" | "/health/live" | "/health/ready" | "/v2/health/live" | "/v2/health/ready") {
+    // Only these fields are logged: never a header (so never `Authorization`), a query
+    // string or a body.
+    if response.extensions().get::<Quiet>().is_none() {
         tracing::info!(
             target: "access",
             request_id = %id,

@@ -8,14 +8,10 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use super::AppState;
 use crate::api::{
-    ClassScore, ClassifyResponse, ErrorDetail, ErrorResponse, HealthResponse, ModelInfo, ModelsResponse, Prediction,
-    Timing,
+    ClassScore, ClassifyResponse, DefendedPrediction, DefenseReport, ErrorDetail, ErrorResponse, HealthResponse,
+    ModelInfo, ModelsResponse, Prediction, Timing,
 };
-use crate::defense::report::{
-    BlurDetails, DefendedPrediction, DefenseDetails, DefenseReport, EnsembleDetails, FixationReport, MemberPrediction,
-    SaccadeDetails, SmoothDetails, ViewPrediction, VoteCount,
-};
-use crate::defense::smooth::CertifyReport;
+use crate::defense::Defenses;
 
 #[derive(OpenApi)]
 #[openapi(
@@ -24,11 +20,10 @@ use crate::defense::smooth::CertifyReport;
         super::classify::classify, super::models::list, super::health::live, super::health::ready,
         super::health::v2_live, super::health::v2_ready, super::observe::metrics,
     ),
-    modifiers(&BearerKeys),
+    modifiers(&BearerKeys, &DefenseDetailSchemas),
     components(schemas(
         ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo,
-        HealthResponse, DefendedPrediction, DefenseReport, DefenseDetails, SmoothDetails, VoteCount, CertifyReport,
-        BlurDetails, ViewPrediction, SaccadeDetails, FixationReport, EnsembleDetails, MemberPrediction,
+        HealthResponse, DefendedPrediction, DefenseReport,
     )),
     tags(
         (name = "classify", description = "Predictions"),
@@ -50,6 +45,20 @@ impl Modify for BearerKeys {
                 .description(Some("An API key from server.api_keys or the key file, when keys are configured"))
                 .build();
             components.add_security_scheme("bearer", SecurityScheme::Http(scheme));
+        }
+    }
+}
+
+/// Each registered defense's `details` schema (and the schemas they refer to), so a
+/// new defense documents itself without touching this file.
+struct DefenseDetailSchemas;
+
+impl Modify for DefenseDetailSchemas {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        if let Some(components) = openapi.components.as_mut() {
+            for defense in Defenses::standard().iter() {
+                components.schemas.extend(defense.details_schemas());
+            }
         }
     }
 }

@@ -31,7 +31,9 @@ pub enum ServeError {
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("model loading failed: {0}")]
-    Models(String),
+    Models(#[from] crate::model::LoadError),
+    #[error("model loading failed: the loader panicked: {0}")]
+    Loader(String),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,11 +76,11 @@ pub async fn serve_on(
     let registry = tokio::select! {
         loaded = loader => match loaded {
             Ok(Ok(registry)) => Arc::new(registry),
-            Ok(Err(message)) => {
-                tracing::error!(%message, "model loading failed; exiting");
-                return Err(ServeError::Models(message));
+            Ok(Err(error)) => {
+                tracing::error!(message = %error, "model loading failed; exiting");
+                return Err(ServeError::Models(error));
             }
-            Err(join) => return Err(ServeError::Models(format!("the loader panicked: {join}"))),
+            Err(join) => return Err(ServeError::Loader(join.to_string())),
         },
         // A signal during loading: the drain future runs and the server ends. (The
         // blocking loader cannot be interrupted; the runtime waits for it on exit.)
@@ -87,7 +89,8 @@ pub async fn serve_on(
             return result.map_err(ServeError::Io);
         }
     };
-    state.set_pipeline(Arc::new(Pipeline::new(Arc::clone(&config), Arc::clone(&registry))));
+    let pipeline = Pipeline::with_defenses(Arc::clone(&config), Arc::clone(&registry), state.defenses().clone());
+    state.set_pipeline(Arc::new(pipeline));
     if state.is_draining() {
         tracing::info!(models = ?registry.names().collect::<Vec<_>>(), "models loaded while draining; staying not ready");
     } else {

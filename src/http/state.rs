@@ -1,15 +1,15 @@
-//! What every handler can reach: the config, the pipeline once the models are ready,
-//! the metrics handle and whether the replica is draining.
+//! What every handler can reach: the config, the registered defenses, the pipeline
+//! once the models are ready, the metrics handle and whether the replica is draining.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use super::ApiError;
 use super::auth::ApiKeys;
-
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::defense::Defenses;
 use crate::pipeline::Pipeline;
 
 #[derive(Clone)]
@@ -17,6 +17,8 @@ pub struct AppState(Arc<Inner>);
 
 struct Inner {
     config: Arc<Config>,
+    /// The defenses requests may name (parameters are checked before models load).
+    defenses: Defenses,
     /// Set once every configured model is loaded and warmed up.
     pipeline: OnceLock<Arc<Pipeline>>,
     draining: AtomicBool,
@@ -40,7 +42,8 @@ impl AppState {
             tracing::info!("requests need an API key");
         }
         let draining = AtomicBool::new(false);
-        Self(Arc::new(Inner { config, pipeline: OnceLock::new(), draining, metrics, api_keys }))
+        let defenses = Defenses::standard();
+        Self(Arc::new(Inner { config, defenses, pipeline: OnceLock::new(), draining, metrics, api_keys }))
     }
 
     pub fn api_keys(&self) -> &ApiKeys {
@@ -49,6 +52,10 @@ impl AppState {
 
     pub fn config(&self) -> &Config {
         &self.0.config
+    }
+
+    pub fn defenses(&self) -> &Defenses {
+        &self.0.defenses
     }
 
     pub fn metrics(&self) -> &PrometheusHandle {

@@ -6,7 +6,35 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageDecoder, ImageError, ImageFormat, ImageReader, Limits, RgbImage};
 
 use crate::config::ImageConfig;
-use crate::error::ApiError;
+
+/// Why bytes could not become an image. Sizes are refused from the header, before a
+/// pixel is decoded; everything else is a malformed or unsupported body.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the request body is empty; send an image")]
+    Empty,
+    #[error("not a recognised image: expected JPEG, PNG, WebP, GIF, BMP or TIFF data")]
+    UnknownFormat,
+    #[error("cannot read the image: {0}")]
+    Unreadable(String),
+    #[error("the JPEG data is truncated (no end-of-image marker)")]
+    TruncatedJpeg,
+    #[error("the image is {width}×{height} pixels; it has no pixels")]
+    NoPixels { width: u32, height: u32 },
+    #[error("the image is {width}×{height} pixels; the limits are {max_width}×{max_height} and {max_pixels} pixels")]
+    TooLarge { width: u32, height: u32, max_width: u32, max_height: u32, max_pixels: u64 },
+    #[error("the image exceeds a decoding limit: {0}")]
+    DecoderLimit(String),
+    #[error("cannot decode the {format} image: {message}")]
+    Corrupt { format: String, message: String },
+}
+
+impl DecodeError {
+    /// Decodable in principle, but over the configured size limits (413, not 400).
+    pub fn is_too_large(&self) -> bool {
+        matches!(self, DecodeError::TooLarge { .. } | DecodeError::DecoderLimit(_))
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct DecodeLimits {
@@ -33,18 +61,16 @@ const SUPPORTED: &[ImageFormat] =
 /// Decodes any supported format and colour type (grey, alpha, 16-bit, palette, CMYK
 /// JPEG; the first frame of an animation), applies the EXIF orientation and returns
 /// RGB8. Alpha is dropped, as PIL's `convert("RGB")` does.
-pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError> {
+pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeError> {
     if bytes.is_empty() {
-        return Err(ApiError::InvalidImage("the request body is empty; send an image".into()));
+        return Err(DecodeError::Empty);
     }
-    let format = reader(bytes, limits)?.format().filter(|f| SUPPORTED.contains(f)).ok_or_else(|| {
-        ApiError::InvalidImage("not a recognised image: expected JPEG, PNG, WebP, GIF, BMP or TIFF data".into())
-    })?;
+    let format = reader(bytes, limits)?.format().filter(|f| SUPPORTED.contains(f)).ok_or(DecodeError::UnknownFormat)?;
 
     // The JPEG decoder fills a truncated scan with grey instead of failing; a
     // classifier should not answer for half a photo.
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(ApiError::InvalidImage("the JPEG data is truncated (no end-of-image marker)".into()));
+        return Err(DecodeError::TruncatedJpeg);
     }
 
     // The header alone tells the size: refuse huge images before allocating for them.
@@ -61,10 +87,10 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, ApiError>
     })
 }
 
-fn reader<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<ImageReader<Cursor<&'a [u8]>>, ApiError> {
+fn reader<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<ImageReader<Cursor<&'a [u8]>>, DecodeError> {
     let mut reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
-        .map_err(|e| ApiError::InvalidImage(format!("cannot read the image: {e}")))?;
+        .map_err(|e| DecodeError::Unreadable(e.to_string()))?;
     let mut decoder_limits = Limits::default();
     decoder_limits.max_image_width = Some(limits.max_width);
     decoder_limits.max_image_height = Some(limits.max_height);
@@ -73,18 +99,21 @@ fn reader<'a>(bytes: &'a [u8], limits: &DecodeLimits) -> Result<ImageReader<Curs
     Ok(reader)
 }
 
-fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), ApiError> {
+fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<(), DecodeError> {
     if width == 0 || height == 0 {
-        return Err(ApiError::InvalidImage(format!("the image is {width}×{height} pixels; it has no pixels")));
+        return Err(DecodeError::NoPixels { width, height });
     }
     if width > limits.max_width
         || height > limits.max_height
         || u64::from(width) * u64::from(height) > limits.max_pixels
     {
-        return Err(ApiError::ImageTooLarge(format!(
-            "the image is {width}×{height} pixels; the limits are {}×{} and {} pixels",
-            limits.max_width, limits.max_height, limits.max_pixels
-        )));
+        return Err(DecodeError::TooLarge {
+            width,
+            height,
+            max_width: limits.max_width,
+            max_height: limits.max_height,
+            max_pixels: limits.max_pixels,
+        });
     }
     Ok(())
 }
@@ -126,10 +155,10 @@ fn is_marker(first: u8, second: u8) -> bool {
     first == 0xFF && !matches!(second, 0x00 | 0xD0..=0xD7)
 }
 
-fn decode_error(format: ImageFormat, error: ImageError) -> ApiError {
+fn decode_error(format: ImageFormat, error: ImageError) -> DecodeError {
     match error {
-        ImageError::Limits(limit) => ApiError::ImageTooLarge(format!("the image exceeds a decoding limit: {limit}")),
-        other => ApiError::InvalidImage(format!("cannot decode the {format:?} image: {other}")),
+        ImageError::Limits(limit) => DecodeError::DecoderLimit(limit.to_string()),
+        other => DecodeError::Corrupt { format: format!("{format:?}"), message: other.to_string() },
     }
 }
 
@@ -162,10 +191,13 @@ mod tests {
     #[test]
     fn garbage_and_empty_bodies_are_invalid_images() {
         for bytes in [&b""[..], b"hello, world", &[0u8; 64]] {
-            assert!(matches!(decode(bytes, &LIMITS), Err(ApiError::InvalidImage(_))));
+            let error = decode(bytes, &LIMITS).unwrap_err();
+            assert!(!error.is_too_large(), "{error}");
         }
+        assert_eq!(decode(b"", &LIMITS), Err(DecodeError::Empty));
+        assert_eq!(decode(b"hello, world", &LIMITS), Err(DecodeError::UnknownFormat));
         let png = encode(DynamicImage::new_rgb8(64, 64), ImageFormat::Png);
-        assert!(matches!(decode(&png[..png.len() / 2], &LIMITS), Err(ApiError::InvalidImage(_))));
+        assert!(matches!(decode(&png[..png.len() / 2], &LIMITS), Err(DecodeError::Corrupt { .. })));
     }
 
     #[test]
@@ -178,7 +210,8 @@ mod tests {
         with_trailer.extend_from_slice(b"trailing bytes some cameras append");
         assert!(decode(&with_trailer, &LIMITS).is_ok());
         for cut in [jpeg.len() - 2, jpeg.len() * 3 / 4, jpeg.len() / 2, 200, 20, 3] {
-            assert!(matches!(decode(&jpeg[..cut], &LIMITS), Err(ApiError::InvalidImage(_))), "cut at {cut}");
+            let error = decode(&jpeg[..cut], &LIMITS).unwrap_err();
+            assert!(!error.is_too_large(), "cut at {cut}: {error}");
         }
     }
 
@@ -186,9 +219,9 @@ mod tests {
     fn oversized_dimensions_are_refused_from_the_header() {
         let png = encode(DynamicImage::new_rgb8(300, 200), ImageFormat::Png);
         let small = DecodeLimits { max_pixels: 300 * 200 - 1, ..LIMITS };
-        assert!(matches!(decode(&png, &small), Err(ApiError::ImageTooLarge(_))));
+        assert!(matches!(decode(&png, &small), Err(DecodeError::TooLarge { width: 300, height: 200, .. })));
         let narrow = DecodeLimits { max_width: 299, ..LIMITS };
-        assert!(matches!(decode(&png, &narrow), Err(ApiError::ImageTooLarge(_))));
+        assert!(decode(&png, &narrow).unwrap_err().is_too_large());
         assert!(decode(&png, &LIMITS).is_ok());
     }
 }

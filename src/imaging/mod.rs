@@ -4,5 +4,5 @@
 mod decode;
 mod preprocess;
 
-pub use decode::{DecodeLimits, decode};
-pub use preprocess::{ModelImage, Region, fit_to_input, resize_region};
+pub use decode::{DecodeError, DecodeLimits, decode};
+pub use preprocess::{ModelImage, Region, ResizeError, fit_to_input, resize_region};

@@ -17,6 +17,13 @@ pub struct Region {
     pub height: f64,
 }
 
+/// A resize that `fast_image_resize` refused (a buffer or size it could not take).
+/// With sizes checked by the decoder and the model card this does not happen on real
+/// input; it is an internal error, never the client's.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("resize failed: {0}")]
+pub struct ResizeError(pub String);
+
 /// Largest intermediate (resized, before the centre crop) image: 16 Mpx, 48 MB. Any
 /// photo of ordinary proportions stays far below; past it only the kept region is resized.
 const MAX_INTERMEDIATE_PIXELS: u64 = 16 << 20;
@@ -24,7 +31,7 @@ const MAX_INTERMEDIATE_PIXELS: u64 = 16 << 20;
 /// Brings `image` to exactly the model's input size. An image that already has that
 /// size is returned untouched (no resampling), so a crafted perturbation at the
 /// model's resolution reaches the model exactly.
-pub fn fit_to_input(image: &RgbImage, spec: &InputSpec) -> Result<RgbImage, String> {
+pub fn fit_to_input(image: &RgbImage, spec: &InputSpec) -> Result<RgbImage, ResizeError> {
     let (width, height) = image.dimensions();
     let (out_w, out_h) = (spec.width, spec.height);
     if (width, height) == (out_w, out_h) {
@@ -68,9 +75,10 @@ pub fn resize_region(
     out_w: u32,
     out_h: u32,
     interpolation: Interpolation,
-) -> Result<RgbImage, String> {
+) -> Result<RgbImage, ResizeError> {
     let (width, height) = image.dimensions();
-    let source = ImageRef::new(width, height, image.as_raw(), PixelType::U8x3).map_err(|e| e.to_string())?;
+    let source =
+        ImageRef::new(width, height, image.as_raw(), PixelType::U8x3).map_err(|e| ResizeError(e.to_string()))?;
     let mut target = Image::new(out_w.max(1), out_h.max(1), PixelType::U8x3);
     let algorithm = match interpolation {
         Interpolation::Nearest => ResizeAlg::Nearest,
@@ -81,8 +89,9 @@ pub fn resize_region(
     if let Some(r) = region {
         options = options.crop(r.left, r.top, r.width, r.height);
     }
-    Resizer::new().resize(&source, &mut target, &options).map_err(|e| format!("resize failed: {e}"))?;
-    RgbImage::from_raw(out_w.max(1), out_h.max(1), target.into_vec()).ok_or_else(|| "resize buffer size".to_string())
+    Resizer::new().resize(&source, &mut target, &options).map_err(|e| ResizeError(e.to_string()))?;
+    RgbImage::from_raw(out_w.max(1), out_h.max(1), target.into_vec())
+        .ok_or_else(|| ResizeError("the resized buffer has the wrong size".into()))
 }
 
 /// A model-sized image as planar RGB floats in [0, 1] (C × H × W), the space in

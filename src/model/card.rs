@@ -74,8 +74,29 @@ pub enum Interpolation {
 #[serde(deny_unknown_fields)]
 pub struct OutputSpec {
     pub name: String,
-    /// "logits" (softmax applied by the server) or "probabilities".
-    pub kind: String,
+    pub kind: OutputKind,
+}
+
+/// What the graph's output row holds. The pipeline works on probabilities, so it
+/// applies softmax to logits and takes probabilities as they are: a graph that already
+/// ends in softmax must not be softmaxed twice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputKind {
+    /// Unnormalized scores; the server applies softmax.
+    Logits,
+    /// Already a probability vector (the graph ends in softmax).
+    Probabilities,
+}
+
+impl OutputKind {
+    /// One output row as class probabilities.
+    pub fn to_probabilities(self, row: &[f32]) -> Vec<f32> {
+        match self {
+            OutputKind::Logits => crate::prediction::softmax(row),
+            OutputKind::Probabilities => row.to_vec(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -127,9 +148,6 @@ impl ModelCard {
         }
         if !(0.05..=1.0).contains(&input.crop_fraction) {
             return Err("input.crop_fraction must be in [0.05, 1]".into());
-        }
-        if !matches!(self.output.kind.as_str(), "logits" | "probabilities") {
-            return Err(format!("output.kind {:?} must be logits or probabilities", self.output.kind));
         }
         if self.num_classes == 0 {
             return Err("num_classes must be positive".into());

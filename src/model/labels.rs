@@ -1,18 +1,32 @@
 //! Class names, one per line in class-index order.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct Labels(Vec<String>);
 
+/// A label file that cannot be read or does not have one name per class.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("labels {}: {message}", path.display())]
+pub struct LabelsError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
 impl Labels {
-    pub fn load(path: &Path, expected: usize) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path).map_err(|e| format!("labels {}: {e}", path.display()))?;
+    pub fn load(path: &Path, expected: usize) -> Result<Self, LabelsError> {
+        let error = |message: String| LabelsError { path: path.to_path_buf(), message };
+        let text = std::fs::read_to_string(path).map_err(|e| error(e.to_string()))?;
         let names: Vec<String> = text.lines().map(|l| l.trim().to_string()).filter(|l| !l.is_empty()).collect();
         if names.len() != expected {
-            return Err(format!("labels {}: {} names, the model has {expected} classes", path.display(), names.len()));
+            return Err(error(format!("{} names, the model has {expected} classes", names.len())));
         }
         Ok(Labels(names))
+    }
+
+    /// Labels from names in class-index order (tests and generated models).
+    pub fn from_names(names: Vec<String>) -> Self {
+        Labels(names)
     }
 
     pub fn name(&self, class_id: usize) -> &str {

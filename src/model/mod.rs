@@ -4,6 +4,6 @@ mod card;
 mod labels;
 mod registry;
 
-pub use card::{Accuracy, CardError, InputSpec, Interpolation, ModelCard, OutputSpec, ResizePolicy};
-pub use labels::Labels;
-pub use registry::{LoadedModel, ModelRegistry, sha256_file};
+pub use card::{Accuracy, CardError, InputSpec, Interpolation, ModelCard, OutputKind, OutputSpec, ResizePolicy};
+pub use labels::{Labels, LabelsError};
+pub use registry::{LoadError, LoadedModel, ModelRegistry, sha256_file};

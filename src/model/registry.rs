@@ -4,21 +4,55 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
+use super::card::CardError;
+use super::labels::LabelsError;
 use super::{Labels, ModelCard};
 use crate::config::Config;
 use crate::engine::{Engine, EngineOptions, OnnxRunner, RunGate};
-use crate::runtime;
+use crate::runtime::{self, RuntimeError};
+
+/// Why a model could not be loaded. Each message names the model, the file and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Card(#[from] CardError),
+    #[error(transparent)]
+    Labels(#[from] LabelsError),
+    #[error("model {model}: file {} is missing; run `make models` (or `make setup`) to convert it", path.display())]
+    Missing { model: String, path: PathBuf },
+    #[error("model {model}: {}: {source}", path.display())]
+    Unreadable { model: String, path: PathBuf, source: std::io::Error },
+    #[error(
+        "model {model}: {} has sha256 {found}, its card says {expected}; the file is corrupt or stale \
+         (re-run `make models`)",
+        path.display()
+    )]
+    Checksum { model: String, path: PathBuf, found: String, expected: String },
+    /// The session could not be built or warmed up (ONNX Runtime's message).
+    #[error("model {model}: {message}")]
+    Engine { model: String, message: String },
+    #[error("model {0} is not in models.load")]
+    NotConfigured(String),
+}
 
 pub struct LoadedModel {
     pub card: ModelCard,
     pub labels: Labels,
     pub engine: Engine,
+}
+
+impl std::fmt::Debug for LoadedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoadedModel").field("name", &self.card.name).finish_non_exhaustive()
+    }
 }
 
 pub struct ModelRegistry {
@@ -29,13 +63,13 @@ pub struct ModelRegistry {
 impl ModelRegistry {
     /// Loads every model in `config.models.load`. Blocking (seconds): call it from a
     /// blocking thread.
-    pub fn load(config: &Config) -> Result<Self, String> {
+    pub fn load(config: &Config) -> Result<Self, LoadError> {
         Self::load_only(config, &config.models.load)
     }
 
     /// Loads just `names` (the offline CLI needs one model, not all of them).
-    pub fn load_only(config: &Config, names: &[String]) -> Result<Self, String> {
-        let environment = runtime::environment(&config.runtime).map_err(|e| e.to_string())?;
+    pub fn load_only(config: &Config, names: &[String]) -> Result<Self, LoadError> {
+        let environment = runtime::environment(&config.runtime)?;
         let gate = Arc::new(RunGate::new(config.runtime.max_concurrent_runs));
         let mut models = BTreeMap::new();
         for name in names {
@@ -44,8 +78,11 @@ impl ModelRegistry {
             tracing::info!(model = %name, elapsed_ms = started.elapsed().as_millis() as u64, "model ready");
             models.insert(name.clone(), Arc::new(model));
         }
-        let default =
-            if names.contains(&config.models.default) { config.models.default.clone() } else { names[0].clone() };
+        let default = if names.contains(&config.models.default) {
+            config.models.default.clone()
+        } else {
+            names.first().cloned().ok_or_else(|| LoadError::NotConfigured("(none)".into()))?
+        };
         Ok(Self { models, default })
     }
 
@@ -82,26 +119,22 @@ fn load_model(
     environment: &'static ort::environment::Environment,
     name: &str,
     gate: Arc<RunGate>,
-) -> Result<LoadedModel, String> {
+) -> Result<LoadedModel, LoadError> {
     let dir = &config.models.dir;
-    let card = ModelCard::load(dir, name).map_err(|e| e.to_string())?;
+    let card = ModelCard::load(dir, name)?;
     let labels = Labels::load(&dir.join(&card.labels), card.num_classes)?;
     let path = dir.join(&card.file);
     if !path.is_file() {
-        return Err(format!(
-            "model {name}: file {} is missing; run `make models` (or `make setup`) to convert it",
-            path.display()
-        ));
+        return Err(LoadError::Missing { model: name.to_string(), path });
     }
     if config.models.verify_sha256 {
-        let digest = sha256_file(&path)?;
+        let digest = sha256_file(&path).map_err(|source| LoadError::Unreadable {
+            model: name.to_string(),
+            path: path.clone(),
+            source,
+        })?;
         if !digest.eq_ignore_ascii_case(&card.sha256) {
-            return Err(format!(
-                "model {name}: {} has sha256 {digest}, its card says {}; the file is corrupt or stale \
-                 (re-run `make models`)",
-                path.display(),
-                card.sha256
-            ));
+            return Err(LoadError::Checksum { model: name.to_string(), path, found: digest, expected: card.sha256 });
         }
     }
     let engine_config = &config.engine;
@@ -120,16 +153,16 @@ fn load_model(
     let chw = [3, card.input.height as usize, card.input.width as usize];
     let output_len = card.num_classes;
     let engine = Engine::start(options, move || OnnxRunner::load(environment, &path, &input_name, chw, output_len))
-        .map_err(|e| format!("model {name}: {e}"))?;
+        .map_err(|e| LoadError::Engine { model: name.to_string(), message: e.to_string() })?;
     Ok(LoadedModel { card, labels, engine })
 }
 
-pub fn sha256_file(path: &Path) -> Result<String, String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+pub fn sha256_file(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
     let mut hasher = Sha256::new();
     let mut buffer = vec![0u8; 1 << 16];
     loop {
-        let n = file.read(&mut buffer).map_err(|e| format!("{}: {e}", path.display()))?;
+        let n = file.read(&mut buffer)?;
         if n == 0 {
             break;
         }

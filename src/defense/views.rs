@@ -1,0 +1,170 @@
+//! The rows a request sends to the models, as the defenses build them: one batch per
+//! model per round, each defense remembering where its rows sit, and the outputs
+//! handed back by the same addresses. Pure data; the pipeline submits the batches.
+
+use std::sync::Arc;
+
+use image::RgbImage;
+
+use super::DefenseError;
+use super::smooth::{self, Noise};
+use crate::imaging::{ModelImage, ResizeError, fit_to_input};
+use crate::model::LoadedModel;
+
+/// What views are made from: the decoded image and its fit to each model's input
+/// (resized once per model and request, before any defense runs).
+pub struct Source {
+    pub image: RgbImage,
+    bases: Vec<(Arc<LoadedModel>, ModelImage)>,
+}
+
+impl Source {
+    /// Fits `image` to the input of every model in `models` (duplicates are fitted once).
+    pub fn new(image: RgbImage, models: &[Arc<LoadedModel>]) -> Result<Self, ResizeError> {
+        let mut bases: Vec<(Arc<LoadedModel>, ModelImage)> = Vec::with_capacity(models.len());
+        for model in models {
+            if !bases.iter().any(|(m, _)| Arc::ptr_eq(m, model)) {
+                let base = ModelImage::from_rgb(&fit_to_input(&image, &model.card.input)?);
+                bases.push((Arc::clone(model), base));
+            }
+        }
+        Ok(Self { image, bases })
+    }
+
+    /// The image at `model`'s input size, in [0, 1] pixel units. Every model a
+    /// defense names in `DefenseRun::models` is there; another is a bug in the defense,
+    /// answered as an internal error rather than a panic.
+    pub fn base(&self, model: &Arc<LoadedModel>) -> Result<&ModelImage, DefenseError> {
+        self.bases
+            .iter()
+            .find(|(m, _)| Arc::ptr_eq(m, model))
+            .map(|(_, base)| base)
+            .ok_or_else(|| DefenseError::Unplanned(model.card.name.clone()))
+    }
+}
+
+/// Where some rows of a round sit: a model's batch and a range of its rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowRange {
+    slot: usize,
+    start: usize,
+    len: usize,
+}
+
+impl RowRange {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// One model's rows of a round: normalized model inputs back to back.
+pub struct ModelBatch {
+    pub model: Arc<LoadedModel>,
+    pub rows: Vec<f32>,
+    pub count: usize,
+    /// The row of the plain (unmodified) view, when some defense asked for it.
+    plain: Option<usize>,
+}
+
+/// The views of one round, grouped by model in the order the models first appear.
+#[derive(Default)]
+pub struct Views {
+    batches: Vec<ModelBatch>,
+}
+
+impl Views {
+    fn slot(&mut self, model: &Arc<LoadedModel>) -> usize {
+        if let Some(slot) = self.batches.iter().position(|b| Arc::ptr_eq(&b.model, model)) {
+            return slot;
+        }
+        let capacity = model.card.row_len();
+        self.batches.push(ModelBatch {
+            model: Arc::clone(model),
+            rows: Vec::with_capacity(capacity),
+            count: 0,
+            plain: None,
+        });
+        self.batches.len() - 1
+    }
+
+    fn grow(&mut self, slot: usize, count: usize) -> RowRange {
+        let batch = &mut self.batches[slot];
+        let start = batch.count;
+        batch.count += count;
+        RowRange { slot, start, len: count }
+    }
+
+    /// The plain view of `model` (its fit of the image, unchanged): one row per model
+    /// and round however many defenses use it, so the raw row doubles as the
+    /// ensemble's and the saccade's full view.
+    pub fn plain(&mut self, source: &Source, model: &Arc<LoadedModel>) -> Result<RowRange, DefenseError> {
+        let slot = self.slot(model);
+        if let Some(start) = self.batches[slot].plain {
+            return Ok(RowRange { slot, start, len: 1 });
+        }
+        source.base(model)?.push_normalized(&model.card.input, &mut self.batches[slot].rows);
+        let range = self.grow(slot, 1);
+        self.batches[slot].plain = Some(range.start);
+        Ok(range)
+    }
+
+    /// Appends views (already at `model`'s input size).
+    pub fn push(&mut self, model: &Arc<LoadedModel>, views: &[ModelImage]) -> RowRange {
+        let slot = self.slot(model);
+        for view in views {
+            view.push_normalized(&model.card.input, &mut self.batches[slot].rows);
+        }
+        self.grow(slot, views.len())
+    }
+
+    /// Appends `count` noisy views of `model`'s base image, numbered from `first`
+    /// in the noise stream (so rows do not depend on how they are split in rounds).
+    pub fn push_noise(
+        &mut self,
+        source: &Source,
+        model: &Arc<LoadedModel>,
+        noise: Noise,
+        first: u64,
+        count: usize,
+    ) -> Result<RowRange, DefenseError> {
+        let base = source.base(model)?;
+        let slot = self.slot(model);
+        smooth::push_noisy_rows(base, &model.card.input, noise, first, count, &mut self.batches[slot].rows);
+        Ok(self.grow(slot, count))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.batches.iter().all(|b| b.count == 0)
+    }
+
+    /// The batches to submit, one per model.
+    pub fn into_batches(self) -> Vec<ModelBatch> {
+        self.batches
+    }
+}
+
+/// The outputs of a round as probability rows, addressed like the views were.
+pub struct Outputs {
+    slots: Vec<Vec<Vec<f32>>>,
+}
+
+impl Outputs {
+    /// Probability rows per batch, in the order of `Views::into_batches`.
+    pub fn new(slots: Vec<Vec<Vec<f32>>>) -> Self {
+        Self { slots }
+    }
+
+    /// The probabilities of the rows in `range` (empty when the round had none).
+    pub fn rows(&self, range: RowRange) -> &[Vec<f32>] {
+        self.slots.get(range.slot).and_then(|rows| rows.get(range.start..range.start + range.len)).unwrap_or(&[])
+    }
+
+    /// The single row of a one-row range (the plain view), or an empty slice.
+    pub fn row(&self, range: RowRange) -> &[f32] {
+        self.rows(range).first().map_or(&[], Vec::as_slice)
+    }
+}
