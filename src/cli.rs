@@ -1,5 +1,9 @@
 //! Command line: `serve`, `classify` (offline, same JSON as the API), `attack`,
 //! `evaluate` and `models`.
+//!
+//! Owns: the flags and turning them into the config and each command's options. It
+//! may use `http` (serving, the JSON answer and its errors for `classify`), and is the
+//! only module besides `http/` that may.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

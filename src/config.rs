@@ -2,6 +2,10 @@
 //! variables (nested keys joined by `__`, e.g. `PANDAGUARD_ENGINE__MAX_BATCH_ROWS=16`),
 //! then command-line flags. Everything is validated once at start-up so a bad value
 //! stops the process with a clear message instead of surfacing on the first request.
+//!
+//! Owns: the configuration types, their defaults and validation. Must not import:
+//! `http`, the pipeline, the engine (the defenses' presets and limits are checked
+//! through their own `defense::settings` types).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

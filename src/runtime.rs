@@ -4,6 +4,9 @@
 //! library comes from the pinned PyPI wheel `onnxruntime==1.31.1` that `make setup`
 //! installs into `.venv`. ONNX Runtime allows one environment per process, so it is
 //! created once here and shared by every session.
+//!
+//! Owns: locating the library and the process-wide environment (one intra-op thread
+//! pool). Must not import anything of the request path.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock};

@@ -15,6 +15,9 @@
 //! All distribution functions come from `statrs` (no hand-written special functions), and every
 //! function is pure. Invalid inputs never panic: they are mapped to the conservative answer
 //! (a p-value of 1, a lower bound of 0, no certificate), as documented on each function.
+//!
+//! Owns: the smoothing statistics (pure numbers). Must not import anything of the crate
+//! but its own math.
 
 use statrs::distribution::{Beta, Binomial, ContinuousCDF, DiscreteCDF, Normal};
 

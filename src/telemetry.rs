@@ -1,4 +1,7 @@
 //! Logs (tracing) and metrics (Prometheus text via the `metrics` facade).
+//!
+//! Owns: the log subscriber, the metrics recorder and the metric descriptions. Must not
+//! import: anything of the request path (the layers record their own metrics).
 
 use std::sync::OnceLock;
 use std::time::Duration;

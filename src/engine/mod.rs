@@ -5,6 +5,10 @@
 //! until `max_batch_rows` or `max_wait`, runs them together and hands every request
 //! its rows' outputs. Admission is counted in rows and fails fast when the queue is
 //! full, so overload turns into quick 503s instead of slow time-outs.
+//!
+//! Owns: the queues, the worker threads, the shared run gate, `EngineError`. Must not
+//! import: `http`, the pipeline, `defense`, `imaging`, model cards — it batches rows of
+//! floats for one session and knows nothing of what they mean.
 
 mod onnx;
 mod worker;

@@ -1,4 +1,8 @@
 //! Models: their cards, labels, and the registry of loaded models with their engines.
+//!
+//! Owns: reading and checking model cards and files (`LoadError` names the file and
+//! the fix), starting one engine per model. Must not import: `http`, the pipeline,
+//! `defense`.
 
 mod card;
 mod labels;
