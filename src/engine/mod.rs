@@ -4,7 +4,10 @@
 //! on a dedicated OS thread owns the model's session, gathers rows from the queue
 //! until `max_batch_rows` or `max_wait`, runs them together and hands every request
 //! its rows' outputs. Admission is counted in rows and fails fast when the queue is
-//! full, so overload turns into quick 503s instead of slow time-outs.
+//! full, so overload turns into quick 503s instead of slow time-outs. A request may
+//! reserve its rows when it arrives ([`Engine::reserve`]) and submit them once its
+//! image is decoded; reserved rows count as queued. The worker measures what a row
+//! costs ([`Engine::row_cost`]), so callers can tell how long the queue takes to drain.
 //!
 //! Owns: the queues, the worker threads, the shared run gate, `EngineError`. Must not
 //! import: `http`, the pipeline, `defense`, `imaging`, model cards — it batches rows of
@@ -14,7 +17,7 @@ mod onnx;
 mod worker;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -148,8 +151,11 @@ struct Shared {
     options: EngineOptions,
     queue: Mutex<Queue>,
     wake: Condvar,
-    /// Rows admitted and not yet run (queued or partially run jobs).
+    /// Rows admitted and not yet run: reserved, queued or in partially run jobs.
     queued_rows: AtomicUsize,
+    /// Nanoseconds one row costs in a `Session::run`, a moving average over batches
+    /// (0 until the first batch).
+    row_cost_ns: AtomicU64,
     alive: AtomicBool,
 }
 
@@ -163,6 +169,67 @@ impl Shared {
     fn release_rows(&self, rows: usize) {
         let left = self.queued_rows.fetch_sub(rows, Ordering::AcqRel) - rows;
         metrics::gauge!("pandaguard_queue_rows", "model" => self.options.name.clone()).set(left as f64);
+    }
+
+    /// Takes `rows` more of the queue's capacity, or says how full it is.
+    fn admit_rows(&self, rows: usize) -> Result<usize, EngineError> {
+        let options = &self.options;
+        if rows > options.max_rows_per_request {
+            return Err(EngineError::TooManyRows {
+                model: options.name.clone(),
+                rows,
+                max: options.max_rows_per_request,
+            });
+        }
+        if !self.alive.load(Ordering::Acquire) {
+            return Err(EngineError::Stopped(options.name.clone()));
+        }
+        let admitted = self.queued_rows.fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+            (queued + rows <= options.capacity_rows).then_some(queued + rows)
+        });
+        match admitted {
+            Ok(before) => {
+                metrics::gauge!("pandaguard_queue_rows", "model" => options.name.clone()).set((before + rows) as f64);
+                Ok(before + rows)
+            }
+            Err(queued) => {
+                metrics::counter!("pandaguard_rejected_total", "model" => options.name.clone(), "reason" => "queue_full")
+                    .increment(1);
+                Err(EngineError::QueueFull { model: options.name.clone(), queued, capacity: options.capacity_rows })
+            }
+        }
+    }
+
+    /// Folds a batch's measured cost into the per-row average (weight 1/5 for the new
+    /// batch: a handful of batches follow a change of load, one odd batch does not).
+    fn record_cost(&self, elapsed: Duration, rows: usize) {
+        let per_row = (elapsed.as_nanos() / rows.max(1) as u128).min(u128::from(u64::MAX)) as u64;
+        let updated = self.row_cost_ns.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+            Some(if old == 0 { per_row } else { (4 * old + per_row) / 5 })
+        });
+        let cost = updated.map_or(per_row, |old| if old == 0 { per_row } else { (4 * old + per_row) / 5 });
+        metrics::gauge!("pandaguard_row_cost_seconds", "model" => self.options.name.clone()).set(cost as f64 / 1e9);
+    }
+}
+
+/// Rows of a queue's capacity held for one request until it submits them (or is
+/// dropped, which gives them back).
+pub struct Reservation {
+    shared: Arc<Shared>,
+    rows: usize,
+}
+
+impl Reservation {
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.rows > 0 {
+            self.shared.release_rows(self.rows);
+        }
     }
 }
 
@@ -186,6 +253,7 @@ impl Engine {
             queue: Mutex::new(Queue { jobs: VecDeque::new(), closed: false }),
             wake: Condvar::new(),
             queued_rows: AtomicUsize::new(0),
+            row_cost_ns: AtomicU64::new(0),
             alive: AtomicBool::new(true),
         });
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -195,7 +263,9 @@ impl Engine {
             .spawn(move || {
                 let runner = make_runner().and_then(|mut runner| {
                     if options.warmup {
-                        warm_up(&mut runner, &options)?;
+                        let (elapsed, rows) = warm_up(&mut runner, &options)?;
+                        // A full batch is what a loaded queue runs: the first cost estimate.
+                        worker_shared.record_cost(elapsed, rows);
                     }
                     Ok(runner)
                 });
@@ -230,6 +300,18 @@ impl Engine {
         self.shared.queued_rows.load(Ordering::Acquire)
     }
 
+    /// Measured cost of one row in a `Session::run` (zero before the first batch).
+    pub fn row_cost(&self) -> Duration {
+        Duration::from_nanos(self.shared.row_cost_ns.load(Ordering::Acquire))
+    }
+
+    /// Holds `rows` of the queue's capacity for a request that submits them later (with
+    /// [`Engine::submit_reserved`]), or refuses at once when the queue is full.
+    pub fn reserve(&self, rows: usize) -> Result<Reservation, EngineError> {
+        self.shared.admit_rows(rows)?;
+        Ok(Reservation { shared: Arc::clone(&self.shared), rows })
+    }
+
     /// Admits `rows` rows or refuses at once. The returned receiver yields the
     /// outputs; dropping it withdraws the rows that have not run yet.
     pub fn submit(
@@ -238,9 +320,25 @@ impl Engine {
         rows: usize,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Result<EngineOutput, EngineError>>, EngineError> {
+        let mut reservation = Reservation { shared: Arc::clone(&self.shared), rows: 0 };
+        self.submit_reserved(&mut reservation, input, rows, deadline)
+    }
+
+    /// Submits `rows` rows, taking them from `reservation` first (rows beyond it are
+    /// admitted as by [`Engine::submit`]).
+    pub fn submit_reserved(
+        &self,
+        reservation: &mut Reservation,
+        input: Vec<f32>,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<oneshot::Receiver<Result<EngineOutput, EngineError>>, EngineError> {
         let options = &self.shared.options;
         if rows == 0 || input.len() != rows * options.row_len {
             return Err(EngineError::BadInput { got: input.len(), expected: rows.max(1) * options.row_len });
+        }
+        if !Arc::ptr_eq(&reservation.shared, &self.shared) {
+            return Err(EngineError::BadInput { got: rows, expected: 0 });
         }
         if rows > options.max_rows_per_request {
             return Err(EngineError::TooManyRows {
@@ -252,22 +350,12 @@ impl Engine {
         if !self.is_alive() {
             return Err(EngineError::Stopped(options.name.clone()));
         }
-        let admitted = self.shared.queued_rows.fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
-            (queued + rows <= options.capacity_rows).then_some(queued + rows)
-        });
-        let queued = match admitted {
-            Ok(before) => before + rows,
-            Err(queued) => {
-                metrics::counter!("pandaguard_rejected_total", "model" => options.name.clone(), "reason" => "queue_full")
-                    .increment(1);
-                return Err(EngineError::QueueFull {
-                    model: options.name.clone(),
-                    queued,
-                    capacity: options.capacity_rows,
-                });
-            }
-        };
-        metrics::gauge!("pandaguard_queue_rows", "model" => options.name.clone()).set(queued as f64);
+        let covered = reservation.rows.min(rows);
+        if rows > covered {
+            self.shared.admit_rows(rows - covered)?;
+        }
+        // From here the job owns these rows: the worker releases them as they run.
+        reservation.rows -= covered;
         let (reply, receiver) = oneshot::channel();
         let job = Job {
             input,
@@ -310,10 +398,17 @@ impl Engine {
     }
 }
 
-fn warm_up<R: BatchRunner>(runner: &mut R, options: &EngineOptions) -> Result<(), String> {
-    for rows in [options.max_batch_rows, 1] {
+/// Runs a full batch twice, then a single row; returns the second full batch's time
+/// and rows (the first pays for allocating the session's buffers: not what a row costs).
+fn warm_up<R: BatchRunner>(runner: &mut R, options: &EngineOptions) -> Result<(Duration, usize), String> {
+    let mut full = (Duration::ZERO, options.max_batch_rows);
+    for (run, rows) in [options.max_batch_rows, options.max_batch_rows, 1].into_iter().enumerate() {
         let input = vec![0.0f32; rows * options.row_len];
+        let started = Instant::now();
         let output = runner.run(&input, rows).map_err(|e| format!("warm-up with {rows} rows failed: {e}"))?;
+        if run == 1 {
+            full.0 = started.elapsed();
+        }
         if output.len() != rows * options.output_len {
             return Err(format!(
                 "warm-up with {rows} rows returned {} floats, expected {}",
@@ -322,7 +417,7 @@ fn warm_up<R: BatchRunner>(runner: &mut R, options: &EngineOptions) -> Result<()
             ));
         }
     }
-    Ok(())
+    Ok(full)
 }
 
 #[cfg(test)]

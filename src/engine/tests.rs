@@ -112,6 +112,41 @@ async fn admission_is_counted_in_rows_and_refuses_fast_when_full() {
 }
 
 #[tokio::test]
+async fn reserved_rows_count_as_queued_until_submitted_or_dropped() {
+    let (engine, _) = start(options(4, 10), Duration::from_millis(20));
+    let mut reservation = engine.reserve(6).unwrap();
+    assert_eq!((reservation.rows(), engine.queued_rows()), (6, 6));
+    // The queue is full for others while the rows are held.
+    assert!(matches!(engine.reserve(5), Err(EngineError::QueueFull { queued: 6, .. })));
+    let dropped = engine.reserve(4).unwrap();
+    drop(dropped);
+    assert_eq!(engine.queued_rows(), 6, "a dropped reservation gives its rows back");
+    // Submitting 4 of the 6 takes them from the reservation; the other 2 are released with it.
+    let reply = engine.submit_reserved(&mut reservation, rows_from(0.0, 4), 4, later(5000)).unwrap();
+    assert_eq!((reservation.rows(), engine.queued_rows()), (2, 6));
+    drop(reservation);
+    let output = reply.await.unwrap().unwrap();
+    assert_eq!(output.rows, 4);
+    assert_eq!(engine.queued_rows(), 0);
+    // More rows than reserved are admitted on top (here 3 reserved, 5 submitted).
+    let mut small = engine.reserve(3).unwrap();
+    let reply = engine.submit_reserved(&mut small, rows_from(10.0, 5), 5, later(5000)).unwrap();
+    assert_eq!((small.rows(), engine.queued_rows()), (0, 5));
+    assert!(reply.await.unwrap().is_ok());
+    assert_eq!(engine.queued_rows(), 0);
+}
+
+#[tokio::test]
+async fn the_worker_measures_what_a_row_costs() {
+    let (engine, _) = start(options(4, 64), Duration::from_millis(40));
+    assert_eq!(engine.row_cost(), Duration::ZERO, "nothing measured before the first batch");
+    engine.infer(rows_from(0.0, 4), 4, later(5000)).await.unwrap();
+    let cost = engine.row_cost();
+    // A 40 ms batch of 4 rows: about 10 ms a row (sleep overshoots, never undershoots).
+    assert!(cost >= Duration::from_millis(10) && cost < Duration::from_millis(40), "{cost:?}");
+}
+
+#[tokio::test]
 async fn oversized_and_malformed_submissions_are_refused() {
     let (engine, _) = start(options(4, 10), Duration::ZERO);
     assert!(matches!(engine.submit(rows_from(0.0, 11), 11, later(100)), Err(EngineError::TooManyRows { .. })));

@@ -81,6 +81,7 @@ pub(super) fn run<R: BatchRunner>(shared: &Arc<Shared>, mut runner: R) {
         drop(permit);
         metrics::histogram!("pandaguard_batch_rows", "model" => model.clone()).record(rows as f64);
         metrics::histogram!("pandaguard_inference_seconds", "model" => model.clone()).record(elapsed.as_secs_f64());
+        shared.record_cost(elapsed, rows);
         shared.release_rows(rows);
 
         match result {
