@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use utoipa::openapi::{RefOr, Schema};
 
 use super::settings::within;
-use super::smooth::Noise;
+use super::smooth::NoiseLevel;
 use super::{
     Defense, DefenseError, DefenseLimits, DefenseOutcome, DefenseRun, DefenseSettings, Outputs, Request, RowRange,
     SettingsError, Source, Views, mean_probabilities,
@@ -86,7 +86,7 @@ impl Defense for Ensemble {
             }
             members.push((Arc::clone(model), member_stream(index + 1)));
         }
-        let noise = Noise { sigma: settings.sigma, denoise_sigma: settings.denoise_sigma, seed: request.seed };
+        let noise = NoiseLevel::of(settings);
         Ok(Box::new(EnsembleRun {
             members: members
                 .into_iter()
@@ -122,7 +122,7 @@ impl Member {
 struct EnsembleRun {
     members: Vec<Member>,
     samples: usize,
-    noise: Noise,
+    noise: NoiseLevel,
     labels: Labels,
     done: bool,
 }

@@ -83,7 +83,6 @@ pub fn schemas_of<T: ToSchema>() -> Vec<(String, RefOr<Schema>)> {
 /// What a defense knows about the request it starts.
 pub struct Request<'a> {
     pub settings: &'a DefenseSettings,
-    pub seed: u64,
     /// The model of the raw prediction.
     pub raw: &'a Arc<LoadedModel>,
     pub registry: &'a ModelRegistry,

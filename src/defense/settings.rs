@@ -8,6 +8,28 @@ use utoipa::ToSchema;
 
 use super::Defenses;
 
+/// The key of content-derived seeds. Its `Debug` form is redacted, so printing the
+/// configuration never writes it to a log.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SeedSecret(String);
+
+impl SeedSecret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SeedSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SeedSecret(<redacted>)")
+    }
+}
+
 /// A setting outside its limits; the message names the parameter.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("{parameter} must be in {range}")]
@@ -115,6 +137,13 @@ pub struct DefenseConfig {
     /// answer draws its own noise; the offline tools (`classify`, `evaluate`, `attack`
     /// in-process) are the operator's and still seed as they are told.
     pub allow_client_seed: bool,
+    /// Key of the content-derived seed: without a client seed, a request's noise is
+    /// seeded by a keyed hash of its image (the raw model's input pixels), so the same
+    /// image gets the same answer on every retry and every replica that shares the key,
+    /// while no client can choose or predict the noise. Unset: a random key per process
+    /// (answers then repeat on one replica only). Set it through
+    /// `PANDAGUARD_DEFENSE__SEED_SECRET` from a secret store, not in a file in git.
+    pub seed_secret: Option<SeedSecret>,
     pub limits: DefenseLimits,
     pub presets: BTreeMap<String, DefenseSettings>,
 }
@@ -144,6 +173,7 @@ impl Default for DefenseConfig {
             default_preset: "default".into(),
             squeeze_threshold: 0.97,
             allow_client_seed: true,
+            seed_secret: None,
             limits: DefenseLimits::default(),
             presets,
         }
@@ -159,6 +189,9 @@ impl DefenseConfig {
         }
         if !(0.0..=2.0).contains(&self.squeeze_threshold) {
             problems.push("defense.squeeze_threshold must be in [0, 2]".into());
+        }
+        if self.seed_secret.as_ref().is_some_and(|s| s.expose().len() < 16) {
+            problems.push("defense.seed_secret must be at least 16 characters (or unset)".into());
         }
         for (name, preset) in &self.presets {
             if let Err(message) = self.check(preset, defenses) {

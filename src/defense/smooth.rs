@@ -34,7 +34,27 @@ const SELECTION_STREAM: u64 = 1 << 40;
 /// Rows drawn per round when CERTIFY tops up its estimation samples.
 const CERTIFY_ROUND: u64 = 64;
 
-/// The noise of one request's smoothing views.
+/// How much noise a defense adds: the request's seed is not part of it (it comes with
+/// the image, in the views' `Source`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoiseLevel {
+    /// Standard deviation in [0, 1] pixel units.
+    pub sigma: f32,
+    /// Gaussian blur (pixels) applied after the noise; 0 = none.
+    pub denoise_sigma: f32,
+}
+
+impl NoiseLevel {
+    pub fn of(settings: &DefenseSettings) -> Self {
+        NoiseLevel { sigma: settings.sigma, denoise_sigma: settings.denoise_sigma }
+    }
+
+    pub fn seeded(self, seed: u64) -> Noise {
+        Noise { sigma: self.sigma, denoise_sigma: self.denoise_sigma, seed }
+    }
+}
+
+/// The noise of one request's noisy views.
 #[derive(Debug, Clone, Copy)]
 pub struct Noise {
     /// Standard deviation in [0, 1] pixel units.
@@ -316,7 +336,7 @@ impl Defense for Smooth {
         Ok(Box::new(SmoothRun {
             model: Arc::clone(request.raw),
             labels: request.labels().clone(),
-            noise: Noise { sigma: s.sigma, denoise_sigma: s.denoise_sigma, seed: request.seed },
+            noise: NoiseLevel::of(s),
             alpha: s.alpha,
             samples: u64::from(s.samples),
             selection_samples: if s.certify { u64::from(s.selection_samples) } else { 0 },
@@ -352,7 +372,7 @@ struct Pending {
 struct SmoothRun {
     model: Arc<LoadedModel>,
     labels: Labels,
-    noise: Noise,
+    noise: NoiseLevel,
     alpha: f64,
     samples: u64,
     /// CERTIFY's n0 (0 = no CERTIFY).

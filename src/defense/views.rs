@@ -7,28 +7,46 @@ use std::sync::Arc;
 use image::RgbImage;
 
 use super::DefenseError;
-use super::smooth::{self, Noise};
+use super::smooth::{self, NoiseLevel};
 use crate::imaging::{ModelImage, ResizeError, fit_to_input};
 use crate::model::LoadedModel;
 
-/// What views are made from: the decoded image and its fit to each model's input
-/// (resized once per model and request, before any defense runs).
+/// What views are made from: the decoded image, its fit to each model's input
+/// (resized once per model and request, before any defense runs), and the seed of
+/// every random choice the defenses make for this request.
 pub struct Source {
     pub image: RgbImage,
     bases: Vec<(Arc<LoadedModel>, ModelImage)>,
+    pub seed: u64,
+}
+
+/// Each model's fit of an image, the first model's also as 8-bit pixels (what a
+/// content-derived seed is computed from).
+pub struct Fitted {
+    pub bases: Vec<(Arc<LoadedModel>, ModelImage)>,
+    pub first: image::RgbImage,
+}
+
+impl Fitted {
+    /// Fits `image` to the input of every model in `models` (duplicates once; at least one).
+    pub fn new(image: &RgbImage, models: &[Arc<LoadedModel>]) -> Result<Self, ResizeError> {
+        let mut bases: Vec<(Arc<LoadedModel>, ModelImage)> = Vec::with_capacity(models.len());
+        let mut first = None;
+        for model in models {
+            if !bases.iter().any(|(m, _)| Arc::ptr_eq(m, model)) {
+                let fitted = fit_to_input(image, &model.card.input)?;
+                bases.push((Arc::clone(model), ModelImage::from_rgb(&fitted)));
+                first.get_or_insert(fitted);
+            }
+        }
+        let first = first.ok_or_else(|| ResizeError("no model to fit the image to".into()))?;
+        Ok(Fitted { bases, first })
+    }
 }
 
 impl Source {
-    /// Fits `image` to the input of every model in `models` (duplicates are fitted once).
-    pub fn new(image: RgbImage, models: &[Arc<LoadedModel>]) -> Result<Self, ResizeError> {
-        let mut bases: Vec<(Arc<LoadedModel>, ModelImage)> = Vec::with_capacity(models.len());
-        for model in models {
-            if !bases.iter().any(|(m, _)| Arc::ptr_eq(m, model)) {
-                let base = ModelImage::from_rgb(&fit_to_input(&image, &model.card.input)?);
-                bases.push((Arc::clone(model), base));
-            }
-        }
-        Ok(Self { image, bases })
+    pub fn new(image: RgbImage, fitted: Fitted, seed: u64) -> Self {
+        Self { image, bases: fitted.bases, seed }
     }
 
     /// The image at `model`'s input size, in [0, 1] pixel units. Every model a
@@ -122,17 +140,19 @@ impl Views {
     }
 
     /// Appends `count` noisy views of `model`'s base image, numbered from `first`
-    /// in the noise stream (so rows do not depend on how they are split in rounds).
+    /// in the request's noise stream (so rows do not depend on how they are split in
+    /// rounds, and the same seed always gives the same rows).
     pub fn push_noise(
         &mut self,
         source: &Source,
         model: &Arc<LoadedModel>,
-        noise: Noise,
+        noise: NoiseLevel,
         first: u64,
         count: usize,
     ) -> Result<RowRange, DefenseError> {
         let base = source.base(model)?;
         let slot = self.slot(model);
+        let noise = noise.seeded(source.seed);
         smooth::push_noisy_rows(base, &model.card.input, noise, first, count, &mut self.batches[slot].rows);
         Ok(self.grow(slot, count))
     }

@@ -20,6 +20,11 @@ pub enum PipelineError {
     /// A defense could not build its views (an internal error: resize, planning).
     #[error(transparent)]
     Defense(#[from] DefenseError),
+    /// Admission refused the request: its rows could not run before its deadline
+    /// (`reason` "deadline") or a queue is full ("queue_full"). `retry_after` is how
+    /// long the queues take to drain.
+    #[error("the queues take {:.1} s to drain, past this request's deadline ({reason})", retry_after.as_secs_f64())]
+    Overloaded { reason: &'static str, retry_after: std::time::Duration },
     /// The request's deadline passed while it was being worked on.
     #[error("the request did not finish within its deadline of {deadline_ms} ms")]
     DeadlineExceeded { deadline_ms: u64 },
@@ -43,6 +48,9 @@ impl PipelineError {
 
     /// The service is overloaded: retrying later (or elsewhere) may succeed.
     pub fn is_overloaded(&self) -> bool {
-        matches!(self, PipelineError::Engine { source: EngineError::QueueFull { .. }, .. })
+        matches!(
+            self,
+            PipelineError::Overloaded { .. } | PipelineError::Engine { source: EngineError::QueueFull { .. }, .. }
+        )
     }
 }

@@ -7,8 +7,10 @@
 //! Owns: the order of the stages, the rounds, the request's cost. Must not import:
 //! `http`/axum or `api` (the JSON answer is built from an `Outcome` in `http/`).
 
+mod admission;
 mod error;
 mod outcome;
+mod seed;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,15 +19,18 @@ use bytes::Bytes;
 use image::RgbImage;
 use tokio::sync::Semaphore;
 
+pub use admission::Admitted;
 pub use error::PipelineError;
 pub use outcome::{Cost, Outcome};
+pub use seed::SeedKey;
 
 use crate::config::Config;
+use crate::defense::views::Fitted;
 use crate::defense::{
     DefenseError, DefenseOutcome, DefenseRun, Defenses, Outputs, Request, RowRange, Source, Views, combine,
     squeeze_score,
 };
-use crate::engine::EngineError;
+use crate::engine::{EngineError, Reservation};
 use crate::imaging::{DecodeLimits, decode};
 use crate::model::{LoadedModel, ModelRegistry};
 use crate::params::{ClassifyParams, ParamError, ParamProblem};
@@ -37,6 +42,8 @@ pub struct Pipeline {
     limits: DecodeLimits,
     /// Bounds concurrent decodes: each may hold a full-resolution bitmap.
     decode_permits: Semaphore,
+    /// Key of the content-derived seeds.
+    seeds: SeedKey,
 }
 
 /// A defense at work on a request, with what the pipeline needs to blame it for rows.
@@ -49,7 +56,6 @@ struct Running {
 /// the rows the first round will submit per model.
 pub struct Plan {
     raw: Arc<LoadedModel>,
-    seed: u64,
     runs: Vec<Running>,
     /// Every model a view is made for (the raw model first).
     models: Vec<Arc<LoadedModel>>,
@@ -69,7 +75,8 @@ impl Pipeline {
             0 => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
-        Self { config, registry, defenses, limits, decode_permits: Semaphore::new(permits) }
+        let seeds = SeedKey::new(config.defense.seed_secret.as_ref());
+        Self { config, registry, defenses, limits, decode_permits: Semaphore::new(permits), seeds }
     }
 
     pub fn registry(&self) -> &Arc<ModelRegistry> {
@@ -105,9 +112,9 @@ impl Pipeline {
 
     /// Starts every defense of the request and counts the rows of its first round,
     /// before anything expensive happens: an impossible request is refused here.
-    pub fn plan(&self, params: &ClassifyParams, seed: u64) -> Result<Plan, PipelineError> {
+    pub fn plan(&self, params: &ClassifyParams) -> Result<Plan, PipelineError> {
         let raw = self.model(params.model.as_deref().unwrap_or(self.registry.default_name()), "model")?;
-        let request = Request { settings: &params.defense, seed, raw: &raw, registry: &self.registry };
+        let request = Request { settings: &params.defense, raw: &raw, registry: &self.registry };
         let mut runs = Vec::new();
         for name in &params.defense.defenses {
             let defense = self.defenses.get(name).ok_or_else(|| {
@@ -141,7 +148,7 @@ impl Pipeline {
                 add(&model, rows);
             }
         }
-        let plan = Plan { raw, seed, runs, models, first_round };
+        let plan = Plan { raw, runs, models, first_round };
         for (model, rows) in &plan.first_round {
             self.check_rows(model, *rows, &plan.runs)?;
         }
@@ -168,29 +175,44 @@ impl Pipeline {
     }
 
     /// Classifies one image: the raw answer and the defended one. `started` is when
-    /// the request arrived; the deadline runs from there.
+    /// the request arrived; the deadline runs from there. (Admits, then runs.)
     pub async fn classify(
         &self,
         body: Bytes,
         params: &ClassifyParams,
         started: Instant,
     ) -> Result<Outcome, PipelineError> {
-        let seed = params.seed.unwrap_or_else(rand::random);
-        let plan = self.plan(params, seed)?;
-        let deadline = started + self.request_timeout();
-        let mut cost = Cost::default();
+        let admitted = self.admit(params, started + self.request_timeout())?;
+        self.run(admitted, body, params, started).await
+    }
 
+    /// Runs an admitted request on its image: decode, views, rounds, combination.
+    pub async fn run(
+        &self,
+        admitted: Admitted,
+        body: Bytes,
+        params: &ClassifyParams,
+        started: Instant,
+    ) -> Result<Outcome, PipelineError> {
+        let Admitted { plan, mut reservations, deadline } = admitted;
+        let mut cost = Cost::default();
         let (image, decode_time) = self.decode(body).await?;
         cost.decode = decode_time;
-        let Plan { raw, seed, mut runs, models, .. } = plan;
+        let Plan { raw, mut runs, models, .. } = plan;
 
-        // Preprocess (each model's fit of the image), then the first round's views.
-        let (source, preprocess_time) = blocking(move || {
+        // Preprocess (each model's fit of the image, and the seed from the raw model's),
+        // then the first round's views.
+        let client_seed = params.seed;
+        let seeds = &self.seeds;
+        let fitted = blocking(move || {
             let started = Instant::now();
-            let source = Source::new(image, &models).map_err(DefenseError::from)?;
-            Ok((Arc::new(source), started.elapsed()))
+            let fitted = Fitted::new(&image, &models).map_err(DefenseError::from)?;
+            Ok((image, fitted, started.elapsed()))
         })
         .await?;
+        let (image, fitted, preprocess_time) = fitted;
+        let seed = client_seed.unwrap_or_else(|| seeds.seed_for(fitted.first.as_raw()));
+        let source = Arc::new(Source::new(image, fitted, seed));
         cost.preprocess = preprocess_time;
 
         let mut raw_row: Option<RowRange> = None;
@@ -225,7 +247,7 @@ impl Pipeline {
             if raw_range.is_some() {
                 raw_row = raw_range;
             }
-            let outputs = self.run(views, &runs, deadline, &mut cost).await?;
+            let outputs = self.run_round(views, &runs, &mut reservations, deadline, &mut cost).await?;
             if let (true, Some(range)) = (first, raw_row) {
                 raw_probabilities = outputs.row(range).to_vec();
             }
@@ -262,10 +284,11 @@ impl Pipeline {
 
     /// Submits each model's rows of a round to its engine, all models at once, and
     /// waits; the outputs come back as probabilities (per the model's output kind).
-    async fn run(
+    async fn run_round(
         &self,
         views: Views,
         runs: &[Running],
+        reservations: &mut [(Arc<LoadedModel>, Reservation)],
         deadline: Instant,
         cost: &mut Cost,
     ) -> Result<Outputs, PipelineError> {
@@ -282,11 +305,13 @@ impl Pipeline {
             }
             cost.rows += batch.count;
             cost.batches.push((batch.model.card.name.clone(), batch.count));
-            let receiver = batch
-                .model
-                .engine
-                .submit(batch.rows, batch.count, deadline)
-                .map_err(|e| PipelineError::engine(&batch.model.card.name, e, deadline_ms))?;
+            // The first round's rows were reserved at admission; later rounds queue anew.
+            let engine = &batch.model.engine;
+            let submitted = match reservations.iter_mut().find(|(m, _)| Arc::ptr_eq(m, &batch.model)) {
+                Some((_, reservation)) => engine.submit_reserved(reservation, batch.rows, batch.count, deadline),
+                None => engine.submit(batch.rows, batch.count, deadline),
+            };
+            let receiver = submitted.map_err(|e| PipelineError::engine(&batch.model.card.name, e, deadline_ms))?;
             pending.push((batch.model, Some(receiver)));
         }
         let mut slots = Vec::with_capacity(pending.len());
