@@ -52,6 +52,18 @@ pub struct ServerConfig {
     pub drain_delay_ms: u64,
     /// Then: how long in-flight requests may take to finish before the process exits.
     pub shutdown_timeout_ms: u64,
+    /// A connection must send a request's headers within this long (a slow-header
+    /// client is cut off); it also bounds an idle keep-alive connection's wait for its
+    /// next request.
+    pub header_timeout_ms: u64,
+    /// Open connections at most; one more is answered 503 and closed. The open-file
+    /// limit is raised to fit at start-up.
+    pub max_connections: usize,
+    /// After an early answer (413, 401, 503 ...), the unread rest of the body is read
+    /// and discarded, at most this many bytes and for this long, so a client that sends
+    /// its whole body first can read the answer (nginx's lingering close).
+    pub linger_max_bytes: u64,
+    pub linger_ms: u64,
     /// Keys accepted as `Authorization: Bearer <key>` on every route except health,
     /// `/metrics`, `/openapi.json` and `/docs`. No keys here and no key file = no
     /// authentication.
@@ -160,6 +172,10 @@ impl Default for ServerConfig {
             log_format: "json".into(),
             drain_delay_ms: 5_000,
             shutdown_timeout_ms: 30_000,
+            header_timeout_ms: 10_000,
+            max_connections: 4096,
+            linger_max_bytes: 64 * 1024 * 1024,
+            linger_ms: 10_000,
             api_keys: Vec::new(),
             api_keys_file: None,
         }
@@ -322,6 +338,8 @@ impl Config {
             format!("server.log_format = {:?} must be json or text", self.server.log_format),
         );
         check(self.server.request_timeout_ms > 0, "server.request_timeout_ms must be positive".into());
+        check(self.server.header_timeout_ms > 0, "server.header_timeout_ms must be positive".into());
+        check(self.server.max_connections >= 1, "server.max_connections must be at least 1".into());
         let keys = self.server.load_api_keys();
         check(keys.is_ok(), keys.err().unwrap_or_default());
         let engine = &self.engine;

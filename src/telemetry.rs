@@ -69,4 +69,19 @@ fn describe() {
     describe_gauge!("pandaguard_queue_rows", "Rows admitted and not yet run, by model");
     describe_counter!("pandaguard_rejected_total", "Requests refused at admission, by model and reason");
     describe_counter!("pandaguard_rows_dropped_total", "Queued rows dropped before inference, by model and reason");
+    describe_gauge!("pandaguard_row_cost_seconds", "Measured Session::run time per row (moving average), by model");
+    describe_gauge!(
+        "pandaguard_admission_drain_seconds",
+        "At the last admission: time for every queue to drain at the measured row costs"
+    );
+    describe_counter!(
+        "pandaguard_admission_refused_total",
+        "Requests refused at arrival, by reason (deadline: the queues cannot drain in time; queue_full)"
+    );
+    describe_gauge!("pandaguard_open_connections", "Open client connections");
+    describe_counter!("pandaguard_connections_refused_total", "Connections refused over server.max_connections");
+    describe_counter!(
+        "pandaguard_lingering_bodies_total",
+        "Unread request bodies after an early answer, by outcome (drained, cut_off)"
+    );
 }

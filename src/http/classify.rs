@@ -66,15 +66,21 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
     }
     let pipeline = state.pipeline()?;
     let timeout = pipeline.request_timeout();
-    let deadline = tokio::time::Instant::from_std(context.arrived + timeout);
+    let deadline = context.arrived + timeout;
     let deadline_ms = timeout.as_millis() as u64;
 
+    // Everything that can refuse the request from its head alone, before its body is
+    // read: the body's declared size and type, then admission (its rows reserved, or
+    // 503 at once when the queues cannot drain before its deadline).
     let max_body = state.config().server.max_body_bytes;
-    let body = tokio::time::timeout_at(deadline, read_image(request, &state, max_body))
+    let kind = body_kind(request.headers(), max_body)?;
+    let admitted = pipeline.admit(&params, deadline)?;
+
+    let body = tokio::time::timeout_at(deadline.into(), read_image(request, kind, &state, max_body))
         .await
         .map_err(|_| ApiError::BodyTimeout { deadline_ms })??;
 
-    let outcome = tokio::time::timeout_at(deadline, pipeline.classify(body, &params, context.arrived))
+    let outcome = tokio::time::timeout_at(deadline.into(), pipeline.run(admitted, body, &params, context.arrived))
         .await
         .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
     let answer = answer::classify_response(&outcome, context.id, params.top_k);
@@ -104,20 +110,36 @@ fn media_type(headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(text.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
 }
 
-async fn read_image(request: Request, state: &AppState, max_body: usize) -> Result<Bytes, ApiError> {
-    let media_type = media_type(request.headers())?;
+/// How the image travels in the body, from the request's head.
+enum BodyKind {
+    /// The image bytes themselves, with the declared length when there is one.
+    Raw {
+        declared: Option<u64>,
+    },
+    Multipart,
+}
+
+/// Refuses a declared oversize body and an unsupported type before reading a byte.
+fn body_kind(headers: &HeaderMap, max_body: usize) -> Result<BodyKind, ApiError> {
+    let media_type = media_type(headers)?;
     let declared =
-        request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    // Refuse a declared oversize body before reading a byte of it.
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > max_body as u64) {
         return Err(ApiError::BodyTooLarge { limit: max_body });
     }
     if media_type == "multipart/form-data" {
-        read_multipart(request, state, max_body).await
+        Ok(BodyKind::Multipart)
     } else if media_type.is_empty() || RAW_IMAGE_TYPES.contains(&media_type.as_str()) {
-        read_raw(request, max_body, declared).await
+        Ok(BodyKind::Raw { declared })
     } else {
         Err(ApiError::UnsupportedMediaType(media_type))
+    }
+}
+
+async fn read_image(request: Request, kind: BodyKind, state: &AppState, max_body: usize) -> Result<Bytes, ApiError> {
+    match kind {
+        BodyKind::Multipart => read_multipart(request, state, max_body).await,
+        BodyKind::Raw { declared } => read_raw(request, max_body, declared).await,
     }
 }
 

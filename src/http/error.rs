@@ -4,7 +4,7 @@
 //! (`Retry-After` is added to every 503 by the observe middleware, which knows the config.)
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 
 use crate::api::{ErrorDetail, ErrorResponse};
@@ -35,8 +35,9 @@ pub enum ApiError {
     InvalidParameter { name: String, message: String },
     #[error("missing or invalid API key")]
     Unauthorized,
-    #[error("the server is overloaded ({0}); retry later")]
-    Overloaded(String),
+    /// No capacity; `retry_after` (seconds) is when it is worth asking again.
+    #[error("the server is overloaded ({message}); retry later")]
+    Overloaded { message: String, retry_after: Option<u64> },
     #[error("the server is not ready: {0}")]
     NotReady(String),
     #[error("the request did not finish within its deadline of {deadline_ms} ms")]
@@ -62,7 +63,7 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } | ApiError::ImageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidParameter { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Overloaded(_) | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Overloaded { .. } | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -81,7 +82,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BodyTimeout { .. } => "body_timeout",
-            ApiError::Overloaded(_) => "overloaded",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::NotReady(_) => "not_ready",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
@@ -116,6 +117,11 @@ impl From<PipelineError> for ApiError {
             PipelineError::Param(e) => e.into(),
             PipelineError::Decode(e) => e.into(),
             PipelineError::DeadlineExceeded { deadline_ms } => ApiError::DeadlineExceeded { deadline_ms },
+            PipelineError::Overloaded { retry_after, .. } => ApiError::Overloaded {
+                message: error.to_string(),
+                // Whole seconds, rounded up: a client that waits that long finds the queues drained.
+                retry_after: Some(retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0)),
+            },
             PipelineError::ShuttingDown => ApiError::NotReady(error.to_string()),
             PipelineError::Engine { source, .. } => source.into(),
             PipelineError::Defense(_) | PipelineError::Worker(_) => ApiError::Internal(error.to_string()),
@@ -126,7 +132,7 @@ impl From<PipelineError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         match error {
-            EngineError::QueueFull { .. } => ApiError::Overloaded(error.to_string()),
+            EngineError::QueueFull { .. } => ApiError::Overloaded { message: error.to_string(), retry_after: None },
             EngineError::Stopped(_) => ApiError::NotReady(error.to_string()),
             // The pipeline turns these into the request's own deadline and a named
             // parameter before they get here; reaching this is a bug, not the client's.
@@ -141,7 +147,11 @@ impl From<EngineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status(), Json(self.body())).into_response()
+        let mut response = (self.status(), Json(self.body())).into_response();
+        if let ApiError::Overloaded { retry_after: Some(seconds), .. } = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+        }
+        response
     }
 }
 

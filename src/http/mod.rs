@@ -11,6 +11,7 @@ mod auth;
 mod classify;
 pub mod error;
 mod health;
+mod linger;
 mod models;
 mod observe;
 mod openapi;
@@ -55,6 +56,8 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         // Multipart bodies are limited here; raw bodies by the classify handler itself.
         .layer(DefaultBodyLimit::max(max_body))
+        // An early answer leaves the unread body to be drained, so the client reads it.
+        .layer(middleware::from_fn_with_state(state.clone(), linger::linger))
         // Outermost: a refused or unrouted request still gets an id, a metric and a log line.
         .layer(middleware::from_fn_with_state(state.clone(), observe::observe))
         .layer(CatchPanicLayer::custom(|_| {
