@@ -119,6 +119,12 @@ fn deploy_files_agree_with_the_server_config() {
     assert_eq!(number(&nginx, "client_max_body_size") * 1024 * 1024, server.max_body_bytes as u64);
     assert!(number(&nginx, "proxy_read_timeout") * 1000 > server.request_timeout_ms);
     assert!(nginx.contains("proxy_next_upstream error timeout http_503 non_idempotent;"));
+    // nginx lets go of an idle upstream connection before the replica closes it, and
+    // never marks a replica down for a 503 (an overload would become 502s).
+    assert!(number(&nginx, "keepalive_timeout") * 1000 < server.header_timeout_ms);
+    assert_eq!(nginx.matches("max_fails=0").count(), REPLICAS, "every upstream server has max_fails=0");
+    assert!(!config.defense.allow_client_seed);
+    assert!(deployment_text().contains("PANDAGUARD_DEFENSE__SEED_SECRET"));
 
     // Kubernetes: preStop sleep = drain delay; the grace period covers preStop + drain + in-flight.
     let deployment = deploy_file("kubernetes/deployment.yaml");
@@ -196,8 +202,18 @@ impl Drop for ChildGuard {
     }
 }
 
+fn deployment_text() -> String {
+    deploy_file("kubernetes/deployment.yaml")
+}
+
+/// The key the replicas share (in a deployment it comes from a secret store).
+const SEED_SECRET: &str = "load-balancer-test-seed-secret";
+
 fn replica_env() -> Vec<(&'static str, &'static str)> {
     vec![
+        // As deployed: clients cannot choose the noise; replicas share the seed key.
+        ("PANDAGUARD_DEFENSE__ALLOW_CLIENT_SEED", "false"),
+        ("PANDAGUARD_DEFENSE__SEED_SECRET", SEED_SECRET),
         ("PANDAGUARD_SERVER__DRAIN_DELAY_MS", DRAIN_DELAY_MS),
         ("PANDAGUARD_SERVER__SHUTDOWN_TIMEOUT_MS", SHUTDOWN_TIMEOUT_MS),
         // Three replicas share two cores: one ORT thread each, no spinning.
@@ -380,7 +396,7 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
                     }
                     let photo = n % photos.len();
                     let query = match n % 10 {
-                        3 => "defense=smooth&samples=8&seed=1",
+                        3 => "defense=smooth&samples=8",
                         7 => "defense=fast",
                         _ => "defense=none",
                     };
@@ -419,6 +435,10 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
     });
     let elapsed = load_started.elapsed();
     let restarts = restarter.join().expect("the restarting thread panicked");
+
+    let repeatable = same_answer_on_every_replica(&ports, &photos);
+    let overload = overload_through_nginx(&runtime, lb, &photos);
+
     // Stop nginx gracefully so every access-log line is written.
     let mut nginx_guard = nginx_guard;
     nginx_guard.stop();
@@ -429,7 +449,7 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
     let mut share: BTreeMap<String, usize> = BTreeMap::new();
     let mut retried = 0;
     let mut retry_statuses: BTreeMap<String, usize> = BTreeMap::new();
-    for line in access.lines().filter(|l| l.contains("POST /classify")) {
+    for line in access.lines().filter(|l| l.contains("POST /classify") && l.contains("rid=lb-test-")) {
         let upstreams = line.split(" upstream=").nth(1).and_then(|r| r.split(" ustatus=").next()).unwrap_or("");
         let statuses = line.split(" ustatus=").nth(1).and_then(|r| r.split(" urt=").next()).unwrap_or("");
         let last = upstreams.rsplit(", ").next().unwrap_or("").to_string();
@@ -471,6 +491,8 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
         );
     }
     println!("  photos whose replica label is the dataset label: {agree_with_dataset}/{}", photos.len());
+    println!("  {repeatable}");
+    println!("  {overload}");
 
     assert!(
         tally.failures.is_empty(),
@@ -490,4 +512,165 @@ fn rolling_restarts_behind_nginx_lose_no_request() {
             i + 1
         );
     }
+    assert!(
+        overload.failures.is_empty(),
+        "overload phase: {overload}\n{}",
+        overload.failures[..overload.failures.len().min(10)].join("\n")
+    );
+    assert!(overload.served > 0 && overload.refused > 0, "overload phase: {overload}");
+    assert!(overload.recovered_after <= Duration::from_secs(5), "overload phase: {overload}");
+}
+
+/// Without a client seed, the same bytes get the same defended answer from every
+/// replica sharing the seed key, on every try: 10 tries on each of the three, for two
+/// photos, compared as the whole `defended` object.
+fn same_answer_on_every_replica(ports: &[u16], photos: &[(Vec<u8>, usize)]) -> String {
+    const TRIES: usize = 10;
+    let mut checked = 0;
+    for (image, _) in photos.iter().take(2) {
+        let mut answers: Vec<serde_json::Value> = Vec::new();
+        for port in ports {
+            for _ in 0..TRIES {
+                let (status, body) =
+                    request(([127, 0, 0, 1], *port).into(), "POST", "/classify?defense=default", image)
+                        .expect("a replica answers");
+                assert_eq!(status, 200, "{body}");
+                let answer: serde_json::Value = serde_json::from_str(&body).unwrap();
+                answers.push(answer["defended"].clone());
+            }
+        }
+        assert!(answers.iter().all(|a| *a == answers[0]), "defended answers differ: {answers:?}");
+        checked += answers.len();
+    }
+    format!(
+        "repeatable answers: {checked} `default` answers (2 photos x {} replicas x {TRIES}), all equal",
+        ports.len()
+    )
+}
+
+/// What the overload phase saw.
+struct Overload {
+    capacity: f64,
+    offered: f64,
+    served: usize,
+    refused: usize,
+    slowest_served: Duration,
+    recovered_after: Duration,
+    failures: Vec<String>,
+}
+
+impl std::fmt::Display for Overload {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "overload: capacity {:.1} req/s of `default`, offered {:.1} req/s for {} s: {} served (slowest {:.2} s),              {} refused with 503, {} other; normal service {:.2} s after",
+            self.capacity,
+            self.offered,
+            OVERLOAD_SECONDS,
+            self.served,
+            self.slowest_served.as_secs_f64(),
+            self.refused,
+            self.failures.len(),
+            self.recovered_after.as_secs_f64()
+        )
+    }
+}
+
+const OVERLOAD_SECONDS: u64 = 30;
+/// `server.request_timeout_ms` of the shipped config (the replicas' deadline).
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The fleet's throughput of `default` requests (closed loop through nginx), then ten
+/// times that offered open-loop for 30 s: every answer must be 200 (within the
+/// deadline) or 503; then normal service within 5 s.
+fn overload_through_nginx(
+    runtime: &tokio::runtime::Runtime,
+    lb: std::net::SocketAddr,
+    photos: &[(Vec<u8>, usize)],
+) -> Overload {
+    let image = photos[5].0.clone();
+    runtime.block_on(async move {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap();
+        let url = format!("http://{lb}/classify?defense=default");
+        // Capacity: 8 clients back to back for 5 s.
+        let done = Arc::new(AtomicUsize::new(0));
+        let until = Instant::now() + Duration::from_secs(5);
+        let mut workers = Vec::new();
+        for _ in 0..8 {
+            let (client, url, image, done) = (client.clone(), url.clone(), image.clone(), Arc::clone(&done));
+            workers.push(tokio::spawn(async move {
+                while Instant::now() < until {
+                    if let Ok(response) = client.post(&url).body(image.clone()).send().await {
+                        if response.status() == 200 {
+                            done.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }));
+        }
+        for worker in workers {
+            worker.await.unwrap();
+        }
+        let capacity = done.load(Ordering::SeqCst) as f64 / 5.0;
+        let offered = (10.0 * capacity).max(10.0);
+
+        // Ten times that, open loop.
+        let interval = Duration::from_secs_f64(1.0 / offered);
+        let mut ticker = tokio::time::interval(interval);
+        let started = Instant::now();
+        let mut requests = Vec::new();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_secs(OVERLOAD_SECONDS) {
+            ticker.tick().await;
+            let (client, url, image) = (client.clone(), url.clone(), image.clone());
+            n += 1;
+            requests.push(tokio::spawn(async move {
+                let sent = Instant::now();
+                let result =
+                    client.post(&url).header("x-request-id", format!("lb-overload-{n}")).body(image).send().await;
+                match result {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let retry_after = response.headers().contains_key("retry-after");
+                        let _ = response.bytes().await;
+                        Ok((status, retry_after, sent.elapsed()))
+                    }
+                    Err(e) => Err(format!("#{n}: {e}")),
+                }
+            }));
+        }
+        let (mut served, mut refused, mut slowest) = (0, 0, Duration::ZERO);
+        let mut failures = Vec::new();
+        for request in requests {
+            match request.await.unwrap() {
+                Ok((200, _, took)) if took < DEADLINE + Duration::from_millis(500) => {
+                    served += 1;
+                    slowest = slowest.max(took);
+                }
+                Ok((503, true, _)) => refused += 1,
+                Ok((status, retry_after, took)) => {
+                    failures.push(format!("{status} (retry-after {retry_after}) after {:.2} s", took.as_secs_f64()))
+                }
+                Err(e) => failures.push(e),
+            }
+        }
+        // Normal service again: the first 200 of a plain request, then ten in a row.
+        let after = Instant::now();
+        let plain = format!("http://{lb}/classify?defense=none");
+        loop {
+            let ok = client.post(&plain).body(image.clone()).send().await.is_ok_and(|r| r.status() == 200);
+            if ok || after.elapsed() > Duration::from_secs(30) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let recovered_after = after.elapsed();
+        for _ in 0..10 {
+            let status = client.post(&plain).body(image.clone()).send().await.map(|r| r.status().as_u16());
+            if !matches!(status, Ok(200)) {
+                failures.push(format!("after the overload: {status:?}"));
+            }
+        }
+        Overload { capacity, offered, served, refused, slowest_served: slowest, recovered_after, failures }
+    })
 }

@@ -1,98 +1,109 @@
-//! A burst of ten times what the replica can hold at once: the excess is refused at
-//! once with 503 + Retry-After, the admitted requests finish in time with the right
-//! answer, memory stays bounded, and the replica serves normally afterwards.
+//! The shipped configuration (`config/default.toml`, unchanged) under a burst of 300
+//! concurrent `default` requests at one replica: admission refuses what cannot finish
+//! before the deadline at once (503 `overloaded` with a `Retry-After` from the queues'
+//! drain time), every admitted request is answered correctly within its deadline, no
+//! request waits out the deadline (no 504), memory stays bounded, and the replica
+//! serves normally right after.
 
 mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestServer, read, samples, test_config};
+use common::{Replica, Scratch, free_port, photo};
 use pandaguard::api::{ClassifyResponse, ErrorResponse, ModelsResponse};
 use reqwest::StatusCode;
 
-const BURST: usize = 60;
-const QUEUE_ROWS: usize = 6;
-const TIMEOUT_MS: u64 = 10_000;
+const BURST: usize = 300;
+/// `server.request_timeout_ms` of the shipped config.
+const DEADLINE: Duration = Duration::from_secs(10);
 
-fn rss_mib(field: &str) -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
-}
+#[test]
+fn a_burst_of_default_requests_gets_503_at_once_and_no_504() {
+    let scratch = Scratch::new("overload");
+    let mut replica = Replica::spawn("overload", free_port(), &[], &scratch.join("replica.log"));
+    replica.wait_ready(Duration::from_secs(180));
+    let base = format!("http://{}", replica.addr());
+    let (image, class) = photo("imagenet_05_853.jpg");
 
-#[tokio::test]
-async fn a_burst_beyond_the_queue_gets_fast_503s_and_the_rest_is_served_in_time() {
-    let mut config = test_config(&["efficientnet-lite0"]);
-    config.engine.queue_capacity_rows = QUEUE_ROWS;
-    config.engine.max_rows_per_request = 1;
-    config.engine.max_batch_rows = QUEUE_ROWS;
-    config.server.request_timeout_ms = TIMEOUT_MS;
-    config.server.retry_after_seconds = 2;
-    let server = TestServer::start(config);
-    let (path, class) = samples().into_iter().find(|(p, _)| p.ends_with("imagenet_05_853.jpg")).unwrap();
-    let photo = read(&path);
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(0).build().unwrap();
-    let url = server.url("/classify?defense=none");
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let outcomes = runtime.block_on(async {
+        // A connection per request, as 300 separate users would send them.
+        let client =
+            reqwest::Client::builder().timeout(Duration::from_secs(60)).pool_max_idle_per_host(0).build().unwrap();
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(BURST));
+        let mut tasks = Vec::new();
+        for _ in 0..BURST {
+            let (client, url, body, barrier) =
+                (client.clone(), format!("{base}/classify"), image.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                let started = Instant::now();
+                let response = client.post(url).header("content-type", "image/jpeg").body(body).send().await.unwrap();
+                let status = response.status();
+                let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+                let text = response.text().await.unwrap();
+                (status, retry_after, text, started.elapsed())
+            }));
+        }
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        outcomes
+    });
 
-    let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(BURST));
-    let mut tasks = Vec::new();
-    for _ in 0..BURST {
-        let (client, url, body, barrier) = (client.clone(), url.clone(), photo.clone(), barrier.clone());
-        tasks.push(tokio::spawn(async move {
-            barrier.wait().await;
-            let started = Instant::now();
-            let response = client.post(url).header("content-type", "image/jpeg").body(body).send().await.unwrap();
-            let status = response.status();
-            let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-            let text = response.text().await.unwrap();
-            (status, retry_after, text, started.elapsed())
-        }));
-    }
     let (mut served, mut refused) = (Vec::new(), Vec::new());
-    for task in tasks {
-        let (status, retry_after, text, took) = task.await.unwrap();
+    for (status, retry_after, text, took) in outcomes {
         match status {
             StatusCode::OK => {
                 let answer: ClassifyResponse = serde_json::from_str(&text).unwrap();
                 assert_eq!(answer.raw.class_id, class);
-                assert!(took < Duration::from_millis(TIMEOUT_MS), "served after {took:?}");
+                assert_eq!(answer.defended.class_id, Some(class));
+                assert!(took < DEADLINE, "served after {took:?}, past the deadline");
                 served.push(took);
             }
             StatusCode::SERVICE_UNAVAILABLE => {
-                assert_eq!(retry_after.as_deref(), Some("2"));
                 let error: ErrorResponse = serde_json::from_str(&text).unwrap();
-                assert_eq!(error.error.code, "overloaded");
+                assert_eq!(error.error.code, "overloaded", "{}", error.error.message);
+                let seconds: u64 = retry_after.expect("a 503 carries Retry-After").parse().unwrap();
+                assert!((1..=DEADLINE.as_secs() + 1).contains(&seconds), "Retry-After {seconds}");
                 refused.push(took);
             }
-            other => panic!("unexpected {other}: {text}"),
+            other => panic!("a burst may only get 200 or 503, got {other}: {text:.300}"),
         }
     }
-    refused.sort();
     served.sort();
+    refused.sort();
+    let median = |v: &[Duration]| v.get(v.len() / 2).copied().unwrap_or_default();
+    let peak = replica.memory_mib("VmHWM:");
     eprintln!(
-        "burst of {BURST}: {} served (median {:?}), {} refused (median {:?}); peak RSS {} MiB",
+        "burst of {BURST} default requests, shipped config: {} served (median {:?}, max {:?}), {} refused \
+         (median {:?}, max {:?}); peak RSS {peak} MiB",
         served.len(),
-        served.get(served.len() / 2),
+        median(&served),
+        served.last(),
         refused.len(),
-        refused.get(refused.len() / 2),
-        rss_mib("VmHWM:")
+        median(&refused),
+        refused.last()
     );
-    assert!(served.len() >= QUEUE_ROWS, "only {} served", served.len());
-    assert!(!refused.is_empty(), "a burst of {BURST} into {QUEUE_ROWS} rows refused nothing");
-    // "Fast": generous for a loaded 2-core machine, and far below the 10 s deadline
-    // an unbounded queue would let requests wait out.
-    let median = refused[refused.len() / 2];
-    assert!(median < Duration::from_secs(3), "median 503 took {median:?}");
-    assert!(rss_mib("VmHWM:") < 1536);
+    assert!(!served.is_empty(), "nothing was admitted");
+    assert!(!refused.is_empty(), "a burst of {BURST} was admitted whole");
+    // "At once": the refusal comes from the request's head, before its body is read;
+    // far below the 10 s a queued request would wait (bound generous for a loaded CI box).
+    assert!(median(&refused) < Duration::from_secs(1), "median 503 took {:?}", median(&refused));
+    assert!(peak < 2048, "peak RSS {peak} MiB");
 
     // Afterwards: nothing left queued, ready, and serving normally.
-    let models: ModelsResponse = client.get(server.url("/models")).send().await.unwrap().json().await.unwrap();
-    assert_eq!(models.models[0].queued_rows, 0);
-    assert_eq!(client.get(server.url("/health/ready")).send().await.unwrap().status(), StatusCode::OK);
-    for _ in 0..3 {
-        let response = client.post(&url).body(photo.clone()).send().await.unwrap();
-        assert_eq!(response.status(), StatusCode::OK);
-        let answer: ClassifyResponse = response.json().await.unwrap();
-        assert_eq!(answer.raw.class_id, class);
-    }
+    runtime.block_on(async {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        let models: ModelsResponse = client.get(format!("{base}/models")).send().await.unwrap().json().await.unwrap();
+        assert!(models.models.iter().all(|m| m.queued_rows == 0), "rows left queued after the burst");
+        assert_eq!(client.get(format!("{base}/health/ready")).send().await.unwrap().status(), StatusCode::OK);
+        for _ in 0..3 {
+            let response = client.post(format!("{base}/classify")).body(image.clone()).send().await.unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            let answer: ClassifyResponse = response.json().await.unwrap();
+            assert_eq!(answer.defended.class_id, Some(class));
+        }
+    });
 }

@@ -80,6 +80,19 @@ impl Replica {
         self.child.as_ref().map_or(0, Child::id)
     }
 
+    /// A memory figure of the process from /proc (e.g. "VmHWM:" peak RSS, "VmRSS:"), in MiB.
+    pub fn memory_mib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let line =
+            status.lines().find(|l| l.starts_with(field)).unwrap_or_else(|| panic!("no {field} for {}", self.name));
+        line.split_whitespace().nth(1).and_then(|kb| kb.parse::<u64>().ok()).unwrap_or(0) / 1024
+    }
+
+    /// The process's open file descriptors.
+    pub fn open_files(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map_or(0, |d| d.count())
+    }
+
     /// Sends `signal` (e.g. "TERM", "INT") with the system's `kill`.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill")
@@ -104,6 +117,18 @@ impl Replica {
             if started.elapsed() > timeout {
                 return None;
             }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Polls `/health/live` until it answers 200 (listening; models may still load).
+    pub fn wait_live(&mut self, timeout: Duration) {
+        let started = Instant::now();
+        while !matches!(get(self.addr(), "/health/live"), Ok((200, _))) {
+            if let Some(status) = self.try_wait() {
+                panic!("{} exited with {status} before it listened:\n{}", self.name, self.stderr());
+            }
+            assert!(started.elapsed() < timeout, "{} not live after {timeout:?}:\n{}", self.name, self.stderr());
             std::thread::sleep(Duration::from_millis(20));
         }
     }
