@@ -349,7 +349,9 @@ fn machine_busy_ticks() -> u64 {
 // ---------------------------------------------------------------- contention
 
 /// A separate process (this executable again, with SPIN_ENV set) that keeps one core
-/// busy until it is stopped or its parent goes away.
+/// busy until it is stopped or its parent goes away. It runs in a session of its own
+/// (`setsid`), so with the kernel's autogroup scheduling it competes with the servers
+/// as another program would, not as one more thread among theirs.
 struct Spinner {
     child: Child,
     started: Instant,
@@ -358,11 +360,15 @@ struct Spinner {
 
 impl Spinner {
     fn start() -> Self {
-        let child = Command::new(std::env::current_exe().expect("current exe"))
-            .env(SPIN_ENV, "1")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start the busy process");
+        let exe = std::env::current_exe().expect("current exe");
+        let mut command = if Path::new("/usr/bin/setsid").exists() {
+            let mut setsid = Command::new("/usr/bin/setsid");
+            setsid.arg(exe);
+            setsid
+        } else {
+            Command::new(exe)
+        };
+        let child = command.env(SPIN_ENV, "1").stdin(Stdio::null()).spawn().expect("start the busy process");
         let ticks_at_start = proc_cpu_ticks(child.id());
         Self { child, started: Instant::now(), ticks_at_start }
     }
@@ -566,6 +572,11 @@ fn ratio(a: f64, b: f64) -> f64 {
     if b > 0.0 { a / b } else { f64::NAN }
 }
 
+/// A figure for the table; "–" when there is none (no request succeeded).
+fn num(value: f64, decimals: usize) -> String {
+    if value.is_finite() { format!("{value:.decimals$}") } else { "–".into() }
+}
+
 fn row_line(row: &Row, pg: &Measurement, peer: &Measurement) -> String {
     format!(
         "{:<8} {:<9} C={:<2} n={:<3}  req/s {:>7.2} vs {:>7.2} (x{:.2})  p50 {:>7.1} vs {:>7.1} ms  \
@@ -635,22 +646,22 @@ impl Report<'_> {
             let (rps_pg, rps_peer) = (pg.ok as f64 / pg.seconds, peer.ok as f64 / peer.seconds);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.2} | {:.2} | **{:.2}** | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | \
-                 **{:.2}** | {}/{} | {:.2}/{:.2} |",
+                "| {} | {} | {} | {} | {:.2} | {:.2} | **{}** | {} | {} | {} | {} | {:.1} | {:.1} | **{}** | {}/{} | \
+                 {:.2}/{:.2} |",
                 row.preset,
                 row.body_name,
                 row.concurrency,
                 row.requests,
                 rps_pg,
                 rps_peer,
-                ratio(rps_pg, rps_peer),
-                pg.p50_ms,
-                peer.p50_ms,
-                pg.p99_ms,
-                peer.p99_ms,
+                num(ratio(rps_pg, rps_peer), 2),
+                num(pg.p50_ms, 1),
+                num(peer.p50_ms, 1),
+                num(pg.p99_ms, 1),
+                num(peer.p99_ms, 1),
                 pg.cpu_ms_per_request,
                 peer.cpu_ms_per_request,
-                ratio(pg.cpu_ms_per_request, peer.cpu_ms_per_request),
+                num(ratio(pg.cpu_ms_per_request, peer.cpu_ms_per_request), 2),
                 pg.errors,
                 peer.errors,
                 pg.other_cores,

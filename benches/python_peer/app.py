@@ -15,9 +15,11 @@ a straightforward Python service can, so that the benchmark compares like with l
 - ONE session.run per model per request (all of that model's views in one batch);
   softmax, mean over a model's views, mean over the models; raw = Lite0's plain view;
 - one InferenceSession per model, intra-op threads = cores (PEER_THREADS), inter-op 1,
-  thread spinning off so the three pools do not fight; concurrent requests' runs may
-  overlap (PEER_RUN_LOCK=1 serializes them, like pandaguard's `runtime.max_concurrent_runs
-  = 1`; on 2 cores that was no faster, so it is off);
+  thread spinning off so the three pools do not fight; one session.run at a time (a
+  lock, like pandaguard's `runtime.max_concurrent_runs = 1`): decoding and views of other
+  requests go on meanwhile. PEER_RUN_LOCK=0 lets runs overlap: on 2 cores no faster, and
+  16 concurrent `default` requests then took the process past 7 GB (ORT's memory
+  arena grows with the runs in flight);
 - all CPU work in Starlette's thread pool, never on the event loop.
 
 Run (the benchmark does this): benches/python_peer/.venv/bin/python -m uvicorn app:app
@@ -45,7 +47,7 @@ ROOT = Path(os.environ.get("PEER_PROJECT_ROOT", Path(__file__).resolve().parents
 MODEL_NAMES = ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
 RAW_MODEL = "efficientnet-lite0"
 THREADS = int(os.environ.get("PEER_THREADS", "0")) or os.cpu_count() or 1
-RUN_LOCK = threading.Lock() if os.environ.get("PEER_RUN_LOCK", "0") == "1" else None
+RUN_LOCK = None if os.environ.get("PEER_RUN_LOCK", "1") == "0" else threading.Lock()
 MAX_TOP_K = 20
 SIGMA = 0.05
 # preset -> (models, noisy views per model)
