@@ -21,6 +21,9 @@
 //!   BENCH_QUICK=1             a few requests per row (smoke test, about two minutes)
 //!   BENCH_CONTENTION=1        contention mode only: another process keeps one core busy
 //!                             for the whole run; `both` = idle, then contention
+//!   BENCH_PRESETS=none,fast   only these presets' rows
+//!   PANDAGUARD_*, PEER_*      passed on to the servers (pandaguard's config overrides, the
+//!                             peer's PEER_RUN_LOCK); the report lists them
 //!   PANDAGUARD_BIN            server binary (default <target dir>/release/pandaguard)
 //!   BENCH_PEER_PYTHON         the peer's interpreter (default benches/python_peer/.venv/bin/python)
 //!
@@ -45,6 +48,8 @@ const PHOTO: &str = "testdata/imagenet/imagenet_05_853.jpg";
 const CONCURRENCY: [usize; 3] = [1, 4, 16];
 /// Set in the contention process, which only spins.
 const SPIN_ENV: &str = "PANDAGUARD_BENCH_SPIN";
+/// Rows whose "other" load differs by this many cores between the servers are marked.
+const NOISY_CORES: f64 = 0.25;
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -112,13 +117,21 @@ fn main() {
 
         let mut results = Vec::new();
         for (index, row) in rows.iter().enumerate() {
-            // Alternate which server goes first, so neither always follows the other.
+            // Alternate which server goes first, so neither always follows the other,
+            // and split the requests into rounds (pg, peer, peer, pg, ...) so that load
+            // from elsewhere on the machine falls on both.
             let order: [usize; 2] = if index % 2 == 0 { [0, 1] } else { [1, 0] };
-            let mut measured: [Option<Measurement>; 2] = [None, None];
+            let mut tallies = [Tally::default(), Tally::default()];
             for i in order {
-                measured[i] = Some(runtime.block_on(measure(&client, &servers[i], row)));
+                runtime.block_on(tallies[i].warm_up(&client, &servers[i], row));
             }
-            let [Some(pg), Some(peer)] = measured else { unreachable!() };
+            for (round, requests) in row.round_sizes().into_iter().enumerate() {
+                let turn = if round % 2 == 0 { order } else { [order[1], order[0]] };
+                for i in turn {
+                    runtime.block_on(tallies[i].round(&client, &servers[i], row, requests));
+                }
+            }
+            let [pg, peer] = [0, 1].map(|i| std::mem::take(&mut tallies[i]).finish(&servers[i], row));
             println!("{}", row_line(row, &pg, &peer));
             results.push((row.clone(), pg, peer));
         }
@@ -181,6 +194,14 @@ struct Row {
     concurrency: usize,
     warmup: usize,
     requests: usize,
+    rounds: usize,
+}
+
+impl Row {
+    /// The row's requests split into `rounds` nearly equal parts.
+    fn round_sizes(&self) -> Vec<usize> {
+        (0..self.rounds).map(|r| self.requests / self.rounds + usize::from(r < self.requests % self.rounds)).collect()
+    }
 }
 
 /// Requests per row: chosen so a full run of both modes stays near 20 minutes on
@@ -189,14 +210,18 @@ fn plan(quick: bool, bodies: &[Body]) -> Vec<Row> {
     // (preset, body, requests, warm-up per client)
     let table: [(&str, usize, usize, usize); 4] =
         [("none", 0, 400, 3), ("none", 1, 150, 2), ("fast", 0, 150, 2), ("default", 0, 32, 1)];
+    let only = std::env::var("BENCH_PRESETS").unwrap_or_default();
+    let only: Vec<&str> = only.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
     let mut rows = Vec::new();
-    for (preset, body, requests, warmup) in table {
+    for (preset, body, requests, warmup) in table.into_iter().filter(|(p, ..)| only.is_empty() || only.contains(p)) {
         for concurrency in CONCURRENCY {
             let (requests, warmup) = if quick {
                 ((requests / 20).max(concurrency), concurrency)
             } else {
                 (requests.max(2 * concurrency), (warmup * concurrency).max(4))
             };
+            // Rounds of at least 2C requests (C clients stay busy most of a round), at most 4.
+            let rounds = if quick { 1 } else { (requests / (2 * concurrency)).clamp(1, 4) };
             rows.push(Row {
                 preset,
                 body_name: bodies[body].name,
@@ -204,9 +229,11 @@ fn plan(quick: bool, bodies: &[Body]) -> Vec<Row> {
                 concurrency,
                 warmup,
                 requests,
+                rounds,
             });
         }
     }
+    assert!(!rows.is_empty(), "BENCH_PRESETS={only:?} selects no row (presets: none, fast, default)");
     rows
 }
 
@@ -420,6 +447,7 @@ fn clock_ticks_per_second() -> f64 {
 #[derive(Clone)]
 struct Measurement {
     requests: usize,
+    rounds: usize,
     ok: usize,
     errors: usize,
     first_error: Option<String>,
@@ -441,32 +469,65 @@ struct Outcome {
     elapsed: Duration,
 }
 
-async fn measure(client: &reqwest::Client, server: &Server, row: &Row) -> Measurement {
-    let url = format!("{}/classify?defense={}&top_k=5", server.url, row.preset);
-    let warmup = drive(client, &url, &row.body, row.concurrency, row.warmup).await;
-    let hwm_after_warmup_kib = server.status_kib("VmHWM");
-    let tick = clock_ticks_per_second();
-    let (cpu0, busy0) = (server.cpu_ticks(), machine_busy_ticks());
-    let outcome = drive(client, &url, &row.body, row.concurrency, row.requests).await;
-    let (cpu1, busy1) = (server.cpu_ticks(), machine_busy_ticks());
-    let seconds = outcome.elapsed.as_secs_f64();
-    let server_ticks = cpu1.saturating_sub(cpu0);
-    let other_ticks = busy1.saturating_sub(busy0).saturating_sub(server_ticks);
-    let mut latencies = outcome.latencies;
-    latencies.sort();
-    Measurement {
-        requests: row.requests,
-        ok: latencies.len(),
-        errors: outcome.errors + warmup.errors,
-        first_error: outcome.first_error.or(warmup.first_error),
-        seconds,
-        p50_ms: percentile_ms(&latencies, 0.50),
-        p99_ms: percentile_ms(&latencies, 0.99),
-        cpu_ms_per_request: server_ticks as f64 / tick * 1000.0 / row.requests as f64,
-        hwm_after_warmup_kib,
-        hwm_end_kib: server.status_kib("VmHWM"),
-        rss_end_kib: server.status_kib("VmRSS"),
-        other_cores: other_ticks as f64 / tick / seconds,
+/// One server's figures over a row, summed over its rounds.
+#[derive(Default)]
+struct Tally {
+    latencies: Vec<Duration>,
+    requests: usize,
+    errors: usize,
+    first_error: Option<String>,
+    elapsed: Duration,
+    server_ticks: u64,
+    other_ticks: u64,
+    hwm_after_warmup_kib: u64,
+}
+
+impl Tally {
+    fn url(server: &Server, row: &Row) -> String {
+        format!("{}/classify?defense={}&top_k=5", server.url, row.preset)
+    }
+
+    /// Warm-up requests: not timed, but their errors count.
+    async fn warm_up(&mut self, client: &reqwest::Client, server: &Server, row: &Row) {
+        let warmup = drive(client, &Self::url(server, row), &row.body, row.concurrency, row.warmup).await;
+        self.errors += warmup.errors;
+        self.first_error = self.first_error.take().or(warmup.first_error);
+        self.hwm_after_warmup_kib = server.status_kib("VmHWM");
+    }
+
+    async fn round(&mut self, client: &reqwest::Client, server: &Server, row: &Row, requests: usize) {
+        let (cpu0, busy0) = (server.cpu_ticks(), machine_busy_ticks());
+        let outcome = drive(client, &Self::url(server, row), &row.body, row.concurrency, requests).await;
+        let (cpu1, busy1) = (server.cpu_ticks(), machine_busy_ticks());
+        let server_ticks = cpu1.saturating_sub(cpu0);
+        self.server_ticks += server_ticks;
+        self.other_ticks += busy1.saturating_sub(busy0).saturating_sub(server_ticks);
+        self.elapsed += outcome.elapsed;
+        self.requests += requests;
+        self.latencies.extend(outcome.latencies);
+        self.errors += outcome.errors;
+        self.first_error = self.first_error.take().or(outcome.first_error);
+    }
+
+    fn finish(mut self, server: &Server, row: &Row) -> Measurement {
+        let tick = clock_ticks_per_second();
+        let seconds = self.elapsed.as_secs_f64();
+        self.latencies.sort();
+        Measurement {
+            requests: self.requests,
+            rounds: row.rounds,
+            ok: self.latencies.len(),
+            errors: self.errors,
+            first_error: self.first_error,
+            seconds,
+            p50_ms: percentile_ms(&self.latencies, 0.50),
+            p99_ms: percentile_ms(&self.latencies, 0.99),
+            cpu_ms_per_request: self.server_ticks as f64 / tick * 1000.0 / self.requests as f64,
+            hwm_after_warmup_kib: self.hwm_after_warmup_kib,
+            hwm_end_kib: server.status_kib("VmHWM"),
+            rss_end_kib: server.status_kib("VmRSS"),
+            other_cores: self.other_ticks as f64 / tick / seconds,
+        }
     }
 }
 
@@ -537,6 +598,8 @@ struct Machine {
     cores: usize,
     cpu: String,
     commit: String,
+    /// PANDAGUARD_* and PEER_* variables the servers inherit (configuration overrides).
+    overrides: Vec<String>,
 }
 
 impl Machine {
@@ -560,7 +623,12 @@ impl Machine {
         if !git(&["status", "--porcelain", "--untracked-files=no"]).is_empty() {
             commit.push_str(" (modified)");
         }
-        Self { cores, cpu, commit }
+        let mut overrides: Vec<String> = std::env::vars()
+            .filter(|(k, _)| (k.starts_with("PANDAGUARD_") && k != SPIN_ENV) || k.starts_with("PEER_"))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        overrides.sort();
+        Self { cores, cpu, commit, overrides }
     }
 }
 
@@ -627,6 +695,9 @@ impl Report<'_> {
             m.commit,
             self.elapsed.as_secs_f64()
         );
+        if !m.overrides.is_empty() {
+            let _ = writeln!(s, "Not the defaults: the servers inherited {}.", m.overrides.join(" "));
+        }
         if let Some(cores) = self.spin {
             let _ = writeln!(s, "A separate busy process used {cores:.2} cores on average during the run.");
         }
@@ -634,8 +705,10 @@ impl Report<'_> {
             s,
             "Closed loop, C clients; pg = pandaguard (release), peer = FastAPI + onnxruntime (benches/python_peer). \
              req/s ratio = pg / peer (> 1: pandaguard serves more); CPU ratio = pg / peer server CPU per request \
-             (< 1: pandaguard is cheaper). p99 is the nearest rank over n requests. other = cores used by everything \
-             else meanwhile (load generator included), pg/peer.\n"
+             (< 1: pandaguard is cheaper). n = requests per server, in r rounds that alternate between the two \
+             servers; p99 is the nearest rank over them. other = cores used by everything else meanwhile (load \
+             generator and busy process included), pg/peer; ! = the two differ by {NOISY_CORES} cores or more, so load \
+             from elsewhere fell more on one server than on the other.\n"
         );
         s.push_str(
             "| preset | body | C | n | req/s pg | req/s peer | **req/s ratio** | p50 ms pg | p50 ms peer | p99 ms pg | \
@@ -646,12 +719,13 @@ impl Report<'_> {
             let (rps_pg, rps_peer) = (pg.ok as f64 / pg.seconds, peer.ok as f64 / peer.seconds);
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {:.2} | {:.2} | **{}** | {} | {} | {} | {} | {:.1} | {:.1} | **{}** | {}/{} | \
-                 {:.2}/{:.2} |",
+                "| {} | {} | {} | {} ({}r) | {:.2} | {:.2} | **{}** | {} | {} | {} | {} | {:.1} | {:.1} | **{}** | \
+                 {}/{} | {:.2}/{:.2}{} |",
                 row.preset,
                 row.body_name,
                 row.concurrency,
                 row.requests,
+                row.rounds,
                 rps_pg,
                 rps_peer,
                 num(ratio(rps_pg, rps_peer), 2),
@@ -666,6 +740,7 @@ impl Report<'_> {
                 peer.errors,
                 pg.other_cores,
                 peer.other_cores,
+                if (pg.other_cores - peer.other_cores).abs() >= NOISY_CORES { " !" } else { "" },
             );
         }
         let _ = writeln!(
@@ -716,7 +791,7 @@ impl Report<'_> {
     fn json(&self) -> Value {
         let measurement = |m: &Measurement| {
             json!({
-                "requests": m.requests, "ok": m.ok, "errors": m.errors, "first_error": m.first_error,
+                "requests": m.requests, "rounds": m.rounds, "ok": m.ok, "errors": m.errors, "first_error": m.first_error,
                 "seconds": m.seconds, "req_per_s": m.ok as f64 / m.seconds,
                 "p50_ms": m.p50_ms, "p99_ms": m.p99_ms, "cpu_ms_per_request": m.cpu_ms_per_request,
                 "vm_hwm_after_warmup_kib": m.hwm_after_warmup_kib, "vm_hwm_end_kib": m.hwm_end_kib,
@@ -739,6 +814,7 @@ impl Report<'_> {
         json!({
             "mode": self.mode, "quick": self.quick,
             "machine": {"cores": self.machine.cores, "cpu": self.machine.cpu},
+            "environment_overrides": self.machine.overrides,
             "commit": self.machine.commit,
             "busy_process_cores": self.spin,
             "seconds": self.elapsed.as_secs_f64(),
