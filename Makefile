@@ -12,6 +12,8 @@ VENV_STAMP := $(VENV)/.installed
 MODEL_FILES := models/efficientnet-lite0.onnx models/efficientnet-lite1.onnx models/efficientnet-lite2.onnx
 SAMPLES := testdata/imagenet/labels.csv
 BINARY := target/release/pandaguard
+PEER_VENV := benches/python_peer/.venv
+PEER_STAMP := $(PEER_VENV)/.installed
 CARGO ?= cargo
 
 .PHONY: setup models nginx build run test bench lint fmt clean
@@ -55,8 +57,18 @@ run: setup build
 test: setup nginx
 	$(CARGO) test --release --locked
 
-bench: setup
+# The Python peer of the HTTP benchmark (FastAPI + onnxruntime), in a venv of its own.
+$(PEER_STAMP): benches/python_peer/requirements.txt
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python 3.11+ is needed (set PYTHON=...)")'
+	test -x $(PEER_VENV)/bin/python || $(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -r $<
+	touch $@
+
+# In-process inference, then the HTTP load benchmark against the Python peer
+# (BENCH_QUICK=1: few requests; BENCH_CONTENTION=1 or both: a busy core beside it).
+bench: setup build $(PEER_STAMP)
 	$(CARGO) bench --locked --bench throughput
+	$(CARGO) bench --locked --bench http_load
 
 lint:
 	$(CARGO) fmt --check
@@ -66,4 +78,4 @@ fmt:
 	$(CARGO) fmt
 
 clean:
-	rm -rf target $(VENV) $(MODEL_FILES) testdata
+	rm -rf target $(VENV) $(PEER_VENV) $(MODEL_FILES) testdata
