@@ -110,6 +110,10 @@ pub enum EngineError {
     BadInput { got: usize, expected: usize },
     #[error("deadline passed while waiting in the queue")]
     DeadlineExceeded,
+    /// Shed before running: behind the rows ahead of it, at the measured cost per row,
+    /// it would finish after its deadline.
+    #[error("the queue of model {model} cannot run this request before its deadline")]
+    Late { model: String },
     #[error("inference failed: {0}")]
     Inference(String),
     #[error("the engine of model {0} has stopped")]
@@ -200,15 +204,23 @@ impl Shared {
         }
     }
 
-    /// Folds a batch's measured cost into the per-row average (weight 1/5 for the new
-    /// batch: a handful of batches follow a change of load, one odd batch does not).
+    /// Folds a batch's measured cost into the per-row average: a dearer batch moves it
+    /// halfway at once (when other work takes the cores, admission must know now), a
+    /// cheaper one by a fifth (one quick batch does not mean the load is gone).
     fn record_cost(&self, elapsed: Duration, rows: usize) {
         let per_row = (elapsed.as_nanos() / rows.max(1) as u128).min(u128::from(u64::MAX)) as u64;
-        let updated = self.row_cost_ns.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
-            Some(if old == 0 { per_row } else { (4 * old + per_row) / 5 })
-        });
-        let cost = updated.map_or(per_row, |old| if old == 0 { per_row } else { (4 * old + per_row) / 5 });
+        let next = |old: u64| match old {
+            0 => per_row,
+            old if per_row > old => (old + per_row) / 2,
+            old => (4 * old + per_row) / 5,
+        };
+        let old = self.row_cost_ns.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| Some(next(old)));
+        let cost = next(old.unwrap_or(0));
         metrics::gauge!("pandaguard_row_cost_seconds", "model" => self.options.name.clone()).set(cost as f64 / 1e9);
+    }
+
+    fn row_cost(&self) -> Duration {
+        Duration::from_nanos(self.row_cost_ns.load(Ordering::Acquire))
     }
 }
 
@@ -302,7 +314,7 @@ impl Engine {
 
     /// Measured cost of one row in a `Session::run` (zero before the first batch).
     pub fn row_cost(&self) -> Duration {
-        Duration::from_nanos(self.shared.row_cost_ns.load(Ordering::Acquire))
+        self.shared.row_cost()
     }
 
     /// Holds `rows` of the queue's capacity for a request that submits them later (with

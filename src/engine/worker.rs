@@ -152,16 +152,25 @@ fn receive(shared: &Shared, active: &mut VecDeque<Job>, until: Option<Instant>) 
     }
 }
 
-/// Drops jobs whose client has gone (nobody would read the answer) and answers
-/// jobs whose deadline passed before their rows could run.
+/// Drops jobs whose client has gone (nobody would read the answer), answers jobs whose
+/// deadline passed before their rows could run, and sheds jobs that have not started and
+/// cannot finish in time behind the rows ahead of them at the measured cost per row
+/// (`Late`: the caller answers 503, so a load balancer can try another replica, instead
+/// of a 504 after the whole deadline).
 fn retire_abandoned(shared: &Shared, active: &mut VecDeque<Job>) {
     let now = Instant::now();
+    let cost = shared.row_cost();
+    let mut rows_ahead = 0usize;
     for job in std::mem::take(active) {
-        let reason = if job.reply.is_closed() {
-            "client_gone"
+        let finish = now + cost * (rows_ahead + job.remaining()) as u32;
+        let (reason, error) = if job.reply.is_closed() {
+            ("client_gone", EngineError::DeadlineExceeded)
         } else if now >= job.deadline {
-            "deadline"
+            ("deadline", EngineError::DeadlineExceeded)
+        } else if job.next_row == 0 && finish > job.deadline {
+            ("late", EngineError::Late { model: shared.options.name.clone() })
         } else {
+            rows_ahead += job.remaining();
             active.push_back(job);
             continue;
         };
@@ -169,7 +178,7 @@ fn retire_abandoned(shared: &Shared, active: &mut VecDeque<Job>) {
         metrics::counter!("pandaguard_rows_dropped_total", "model" => model, "reason" => reason)
             .increment(job.remaining() as u64);
         shared.release_rows(job.remaining());
-        let _ = job.reply.send(Err(EngineError::DeadlineExceeded));
+        let _ = job.reply.send(Err(error));
     }
 }
 

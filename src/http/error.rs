@@ -132,7 +132,9 @@ impl From<PipelineError> for ApiError {
 impl From<EngineError> for ApiError {
     fn from(error: EngineError) -> Self {
         match error {
-            EngineError::QueueFull { .. } => ApiError::Overloaded { message: error.to_string(), retry_after: None },
+            EngineError::QueueFull { .. } | EngineError::Late { .. } => {
+                ApiError::Overloaded { message: error.to_string(), retry_after: None }
+            }
             EngineError::Stopped(_) => ApiError::NotReady(error.to_string()),
             // The pipeline turns these into the request's own deadline and a named
             // parameter before they get here; reaching this is a bug, not the client's.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Pipeline, PipelineError, Plan};
-use crate::engine::Reservation;
+use crate::engine::{EngineError, Reservation};
 use crate::model::LoadedModel;
 use crate::params::ClassifyParams;
 
@@ -25,13 +25,9 @@ impl Pipeline {
     /// and its own cannot run before `deadline`. Costs microseconds: no decoding, no views.
     pub fn admit(&self, params: &ClassifyParams, deadline: Instant) -> Result<Admitted, PipelineError> {
         let plan = self.plan(params)?;
-        let deadline_ms = self.config.server.request_timeout_ms;
         let mut reservations = Vec::with_capacity(plan.first_round.len());
         for (model, rows) in &plan.first_round {
-            let reservation = model.engine.reserve(*rows).map_err(|e| {
-                let error = PipelineError::engine(&model.card.name, e, deadline_ms);
-                if error.is_overloaded() { self.overloaded("queue_full") } else { error }
-            })?;
+            let reservation = model.engine.reserve(*rows).map_err(|e| self.engine_error(&model.card.name, e))?;
             reservations.push((Arc::clone(model), reservation));
         }
         // Our own rows are in the queues now: the estimate is when our last row has run.
@@ -54,6 +50,17 @@ impl Pipeline {
     /// the request timeout, at least 100 ms.
     fn margin(&self) -> Duration {
         (self.request_timeout() / 10).max(Duration::from_millis(100))
+    }
+
+    /// An engine's refusal or failure as the pipeline reports it: a full queue and a
+    /// request shed as late are overload (503 with the drain time), a deadline passed
+    /// in the queue is the request's deadline.
+    pub(super) fn engine_error(&self, model: &str, error: EngineError) -> PipelineError {
+        match error {
+            EngineError::QueueFull { .. } => self.overloaded("queue_full"),
+            EngineError::Late { .. } => self.overloaded("late"),
+            error => PipelineError::engine(model, error, self.config.server.request_timeout_ms),
+        }
     }
 
     /// The refusal of an overloaded server, with the drain time as its retry hint.

@@ -50,7 +50,8 @@ impl PipelineError {
     pub fn is_overloaded(&self) -> bool {
         matches!(
             self,
-            PipelineError::Overloaded { .. } | PipelineError::Engine { source: EngineError::QueueFull { .. }, .. }
+            PipelineError::Overloaded { .. }
+                | PipelineError::Engine { source: EngineError::QueueFull { .. } | EngineError::Late { .. }, .. }
         )
     }
 }

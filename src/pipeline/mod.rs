@@ -292,7 +292,6 @@ impl Pipeline {
         deadline: Instant,
         cost: &mut Cost,
     ) -> Result<Outputs, PipelineError> {
-        let deadline_ms = self.config.server.request_timeout_ms;
         let batches = views.into_batches();
         for batch in &batches {
             self.check_rows(&batch.model, batch.count, runs)?;
@@ -311,7 +310,7 @@ impl Pipeline {
                 Some((_, reservation)) => engine.submit_reserved(reservation, batch.rows, batch.count, deadline),
                 None => engine.submit(batch.rows, batch.count, deadline),
             };
-            let receiver = submitted.map_err(|e| PipelineError::engine(&batch.model.card.name, e, deadline_ms))?;
+            let receiver = submitted.map_err(|e| self.engine_error(&batch.model.card.name, e))?;
             pending.push((batch.model, Some(receiver)));
         }
         let mut slots = Vec::with_capacity(pending.len());
@@ -324,8 +323,8 @@ impl Pipeline {
             let name = &model.card.name;
             let output = receiver
                 .await
-                .map_err(|_| PipelineError::engine(name, EngineError::Stopped(name.clone()), deadline_ms))?
-                .map_err(|e| PipelineError::engine(name, e, deadline_ms))?;
+                .map_err(|_| self.engine_error(name, EngineError::Stopped(name.clone())))?
+                .map_err(|e| self.engine_error(name, e))?;
             // Models run concurrently: the first batch's wait is the request's queue time.
             if first {
                 cost.queue += output.queue_time;
