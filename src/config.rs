@@ -104,10 +104,18 @@ pub struct RuntimeConfig {
     /// Threads of the process-wide ONNX Runtime intra-op pool; 0 = available cores.
     pub intra_op_threads: usize,
     pub inter_op_threads: usize,
-    /// Let idle ORT threads spin briefly before sleeping (ONNX Runtime's own default).
-    /// Measured here: without it batch-1 inference is ~25% slower. Turn it off when
-    /// the cores are shared with other busy processes.
+    /// Let idle ORT threads spin briefly before sleeping (ONNX Runtime's own default
+    /// is on). Off here: spinning threads burn the cores that decoding, views and other
+    /// processes need, and under contention pandaguard fell to 0.4–0.8× a Python
+    /// service's throughput with it on (docs/benchmarks.md).
     pub spin: bool,
+    /// One CPU arena for every session instead of one each (runs take turns, so one
+    /// arena sized by the largest single run is enough); see `runtime.rs`.
+    pub shared_arena: bool,
+    /// ONNX Runtime's memory-pattern planning (buffers pre-planned per input shape). Off:
+    /// with dynamic batch sizes it keeps plans per shape and grows memory, for no
+    /// measurable speed here (docs/benchmarks.md).
+    pub memory_pattern: bool,
     /// `Session::run` calls in flight at once across all models (they share one
     /// thread pool; 1 = take turns, each run gets every core).
     pub max_concurrent_runs: usize,
@@ -226,7 +234,15 @@ fn check_key(key: &str) -> Result<(), &'static str> {
 
 impl Default for RuntimeConfig {
     fn default() -> Self {
-        Self { ort_dylib_path: None, intra_op_threads: 0, inter_op_threads: 1, spin: true, max_concurrent_runs: 1 }
+        Self {
+            ort_dylib_path: None,
+            intra_op_threads: 0,
+            inter_op_threads: 1,
+            spin: false,
+            shared_arena: true,
+            memory_pattern: false,
+            max_concurrent_runs: 1,
+        }
     }
 }
 

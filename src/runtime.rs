@@ -103,8 +103,67 @@ pub fn environment(config: &RuntimeConfig) -> Result<&'static Environment, Runti
         .with_global_thread_pool(pool)
         .build()
         .map_err(|e| RuntimeError::Environment(e.to_string()))?;
-    tracing::info!(library = %path.display(), intra_op_threads = threads, "ONNX Runtime loaded");
+    if config.shared_arena {
+        register_shared_arena(&env)?;
+    }
+    tracing::info!(
+        library = %path.display(),
+        intra_op_threads = threads,
+        spin = config.spin,
+        shared_arena = config.shared_arena,
+        "ONNX Runtime loaded"
+    );
     Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+/// Registers one CPU arena allocator on the environment for every session to use
+/// (sessions opt in with `session.use_env_allocators`). Each session would otherwise
+/// keep an arena of its own, sized by the largest batch it ever ran: three models'
+/// worth of activations resident at once, although the run gate lets only one model
+/// run at a time. Shared, the arena holds what the largest single run needs. It grows
+/// by what is requested (`arena_extend_strategy` 1, kSameAsRequested) rather than in
+/// powers of two. The `ort` crate has no wrapper for this part of the C API.
+fn register_shared_arena(env: &Environment) -> Result<(), RuntimeError> {
+    use ort::AsPointer;
+    use ort::sys::{OrtAllocatorType, OrtArenaCfg, OrtMemType, OrtMemoryInfo, OrtStatusPtr};
+
+    let api = ort::api();
+    let check = |status: OrtStatusPtr| -> Result<(), RuntimeError> {
+        if status.0.is_null() {
+            return Ok(());
+        }
+        // SAFETY: a non-null status from the C API holds a NUL-terminated message and
+        // is released exactly once here.
+        let message = unsafe {
+            let text = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0)).to_string_lossy().into_owned();
+            (api.ReleaseStatus)(status.0);
+            text
+        };
+        Err(RuntimeError::Environment(format!("cannot register the shared CPU arena: {message}")))
+    };
+    let mut info: *mut OrtMemoryInfo = std::ptr::null_mut();
+    let mut arena: *mut OrtArenaCfg = std::ptr::null_mut();
+    let keys = [c"arena_extend_strategy".as_ptr()];
+    let values = [1usize];
+    // SAFETY: the out-pointers are valid for writes, the key and value arrays hold one
+    // entry each as `num_keys` says, `env` outlives the call (the environment is
+    // process-wide), and both created objects are released after registering (the
+    // environment keeps its own copies).
+    unsafe {
+        check((api.CreateCpuMemoryInfo)(
+            OrtAllocatorType::OrtArenaAllocator,
+            OrtMemType::OrtMemTypeDefault,
+            &mut info,
+        ))?;
+        let created = check((api.CreateArenaCfgV2)(keys.as_ptr(), values.as_ptr(), keys.len(), &mut arena));
+        let registered =
+            created.and_then(|()| check((api.CreateAndRegisterAllocator)(env.ptr().cast_mut(), info, arena)));
+        if !arena.is_null() {
+            (api.ReleaseArenaCfg)(arena);
+        }
+        (api.ReleaseMemoryInfo)(info);
+        registered
+    }
 }
 
 pub fn intra_op_threads(config: &RuntimeConfig) -> usize {

@@ -142,8 +142,9 @@ async fn the_same_seed_gives_the_same_answer() {
 }
 
 /// A deployment facing attackers keeps the noise to itself: with
-/// `defense.allow_client_seed = false` a request naming a seed is refused, and
-/// unseeded answers still draw (and report) fresh noise.
+/// `defense.allow_client_seed = false` a request naming a seed is refused, and the
+/// seed of an unseeded answer comes from the image (the same image, the same seed and
+/// answer; another image, another seed), never from the client.
 #[tokio::test]
 async fn a_server_can_refuse_client_seeds() {
     let mut config = test_config(&["efficientnet-lite0"]);
@@ -155,13 +156,20 @@ async fn a_server_can_refuse_client_seeds() {
     let error: ErrorResponse = response.json().await.unwrap();
     assert_eq!(error.error.code, "invalid_parameter");
     assert!(error.error.message.contains("allow_client_seed"), "{}", error.error.message);
-    let mut seeds = Vec::new();
-    for _ in 0..2 {
-        let response = client().post(server.url("/classify?defense=default")).body(image.clone()).send().await.unwrap();
+    let (other, _) = photo("imagenet_05_853.jpg");
+    let mut answers = Vec::new();
+    for body in [image.clone(), image, other] {
+        let response = client().post(server.url("/classify?defense=default")).body(body).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
-        seeds.push(response.json::<ClassifyResponse>().await.unwrap().seed);
+        answers.push(response.json::<ClassifyResponse>().await.unwrap());
     }
-    assert_ne!(seeds[0], seeds[1], "every answer draws its own noise");
+    assert_eq!(answers[0].seed, answers[1].seed, "the same image gets the same seed");
+    assert_eq!(
+        serde_json::to_value(&answers[0].defended).unwrap(),
+        serde_json::to_value(&answers[1].defended).unwrap(),
+        "and the same defended answer"
+    );
+    assert_ne!(answers[0].seed, answers[2].seed, "another image, another seed");
 }
 
 #[tokio::test]

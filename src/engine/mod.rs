@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-pub use onnx::OnnxRunner;
+pub use onnx::{OnnxRunner, SessionMemory};
 
 /// Something that turns a batch of rows into a batch of outputs; in production an
 /// ONNX Runtime session (`OnnxRunner`). Owned by exactly one worker thread.

@@ -9,6 +9,14 @@ use ort::value::TensorRef;
 
 use super::BatchRunner;
 
+/// How a session allocates: the environment's shared arena or its own, and whether
+/// ONNX Runtime plans memory patterns (`runtime.shared_arena`, `runtime.memory_pattern`).
+#[derive(Debug, Clone, Copy)]
+pub struct SessionMemory {
+    pub shared_arena: bool,
+    pub pattern: bool,
+}
+
 pub struct OnnxRunner {
     session: Session,
     input_name: String,
@@ -26,9 +34,12 @@ impl OnnxRunner {
         input_name: &str,
         chw: [usize; 3],
         output_len: usize,
+        memory: SessionMemory,
     ) -> Result<Self, String> {
         let session = Session::builder(environment)
             .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::All).map_err(Into::into))
+            .and_then(|b| b.with_memory_pattern(memory.pattern).map_err(Into::into))
+            .and_then(|b| if memory.shared_arena { b.with_env_allocators().map_err(Into::into) } else { Ok(b) })
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
         let Some(input) = session.inputs().first() else {

@@ -80,7 +80,11 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
         .await
         .map_err(|_| ApiError::BodyTimeout { deadline_ms })??;
 
-    let outcome = tokio::time::timeout_at(deadline.into(), pipeline.run(admitted, body, &params, context.arrived))
+    let work = async {
+        let prepared = pipeline.prepare(admitted, body, &params).await?;
+        pipeline.finish(prepared, &params, context.arrived).await
+    };
+    let outcome = tokio::time::timeout_at(deadline.into(), work)
         .await
         .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
     let answer = answer::classify_response(&outcome, context.id, params.top_k);

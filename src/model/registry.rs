@@ -14,7 +14,7 @@ use super::card::CardError;
 use super::labels::LabelsError;
 use super::{Labels, ModelCard};
 use crate::config::Config;
-use crate::engine::{Engine, EngineOptions, OnnxRunner, RunGate};
+use crate::engine::{Engine, EngineOptions, OnnxRunner, RunGate, SessionMemory};
 use crate::runtime::{self, RuntimeError};
 
 /// Why a model could not be loaded. Each message names the model, the file and the fix.
@@ -152,8 +152,10 @@ fn load_model(
     let input_name = card.input.name.clone();
     let chw = [3, card.input.height as usize, card.input.width as usize];
     let output_len = card.num_classes;
-    let engine = Engine::start(options, move || OnnxRunner::load(environment, &path, &input_name, chw, output_len))
-        .map_err(|e| LoadError::Engine { model: name.to_string(), message: e.to_string() })?;
+    let memory = SessionMemory { shared_arena: config.runtime.shared_arena, pattern: config.runtime.memory_pattern };
+    let engine =
+        Engine::start(options, move || OnnxRunner::load(environment, &path, &input_name, chw, output_len, memory))
+            .map_err(|e| LoadError::Engine { model: name.to_string(), message: e.to_string() })?;
     Ok(LoadedModel { card, labels, engine })
 }
 

@@ -52,6 +52,29 @@ struct Running {
     row_parameter: Option<&'static str>,
 }
 
+/// An admitted request with its image decoded and fitted to every model.
+pub struct Prepared {
+    raw: Arc<LoadedModel>,
+    runs: Vec<Running>,
+    reservations: Vec<(Arc<LoadedModel>, Reservation)>,
+    deadline: Instant,
+    source: Arc<Source>,
+    model_input: RgbImage,
+    cost: Cost,
+}
+
+impl Prepared {
+    /// The image as the raw model sees it (8-bit RGB at its input size).
+    pub fn model_input(&self) -> &RgbImage {
+        &self.model_input
+    }
+
+    /// The seed of the request's noise.
+    pub fn seed(&self) -> u64 {
+        self.source.seed
+    }
+}
+
 /// A request before its image is decoded: the raw model, the defenses started, and
 /// the rows the first round will submit per model.
 pub struct Plan {
@@ -194,26 +217,48 @@ impl Pipeline {
         params: &ClassifyParams,
         started: Instant,
     ) -> Result<Outcome, PipelineError> {
-        let Admitted { plan, mut reservations, deadline } = admitted;
+        let prepared = self.prepare(admitted, body, params).await?;
+        self.finish(prepared, params, started).await
+    }
+
+    /// Decodes the image and fits it to every model the request needs (and derives the
+    /// seed): everything before the first view. A caller may look at the result (the
+    /// raw model's input, `Prepared::model_input`) before paying for views and inference.
+    pub async fn prepare(
+        &self,
+        admitted: Admitted,
+        body: Bytes,
+        params: &ClassifyParams,
+    ) -> Result<Prepared, PipelineError> {
+        let Admitted { plan, reservations, deadline } = admitted;
         let mut cost = Cost::default();
         let (image, decode_time) = self.decode(body).await?;
         cost.decode = decode_time;
-        let Plan { raw, mut runs, models, .. } = plan;
-
-        // Preprocess (each model's fit of the image, and the seed from the raw model's),
-        // then the first round's views.
-        let client_seed = params.seed;
-        let seeds = &self.seeds;
+        let Plan { raw, runs, models, .. } = plan;
         let fitted = blocking(move || {
             let started = Instant::now();
             let fitted = Fitted::new(&image, &models).map_err(DefenseError::from)?;
             Ok((image, fitted, started.elapsed()))
         })
         .await?;
-        let (image, fitted, preprocess_time) = fitted;
-        let seed = client_seed.unwrap_or_else(|| seeds.seed_for(fitted.first.as_raw()));
-        let source = Arc::new(Source::new(image, fitted, seed));
+        let (image, mut fitted, preprocess_time) = fitted;
         cost.preprocess = preprocess_time;
+        let seed = params.seed.unwrap_or_else(|| self.seeds.seed_for(fitted.first.as_raw()));
+        let model_input = std::mem::take(&mut fitted.first);
+        let source = Arc::new(Source::new(image, fitted, seed));
+        Ok(Prepared { raw, runs, reservations, deadline, source, model_input, cost })
+    }
+
+    /// The views, the rounds through the engines, and the combination.
+    pub async fn finish(
+        &self,
+        prepared: Prepared,
+        params: &ClassifyParams,
+        started: Instant,
+    ) -> Result<Outcome, PipelineError> {
+        let Prepared { raw, mut runs, mut reservations, deadline, source, cost, .. } = prepared;
+        let mut cost = cost;
+        let seed = source.seed;
 
         let mut raw_row: Option<RowRange> = None;
         let mut raw_probabilities = Vec::new();
