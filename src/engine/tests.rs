@@ -152,13 +152,15 @@ async fn a_request_that_cannot_finish_behind_the_queue_is_shed_as_late() {
     let (engine, _) = start(options(4, 64), Duration::from_millis(80));
     engine.infer(rows_from(0.0, 4), 4, later(5000)).await.unwrap();
     let ahead = engine.submit(rows_from(10.0, 16), 16, later(5000)).unwrap();
-    // Behind 16 rows (about 320 ms), 4 more rows cannot make a 200 ms deadline...
-    let late = engine.submit(rows_from(50.0, 4), 4, later(200)).unwrap();
+    // Behind 16 rows (about 320 ms), 4 more rows cannot make a 300 ms deadline, even if
+    // the worker has already started on the first 4 of them...
+    let late = engine.submit(rows_from(50.0, 4), 4, later(300)).unwrap();
     // ...but can make a 2 s one.
     let in_time = engine.submit(rows_from(60.0, 4), 4, later(2000)).unwrap();
     let started = Instant::now();
     assert!(matches!(late.await.unwrap(), Err(EngineError::Late { .. })));
-    assert!(started.elapsed() < Duration::from_millis(150), "shed at once, not at the deadline");
+    // ...and it is told so within about one batch, not at its deadline.
+    assert!(started.elapsed() < Duration::from_millis(250), "shed at once, not at the deadline");
     assert!(ahead.await.unwrap().is_ok());
     assert!(in_time.await.unwrap().is_ok());
     assert_eq!(engine.queued_rows(), 0);

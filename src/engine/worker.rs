@@ -30,6 +30,10 @@ pub(super) fn run<R: BatchRunner>(shared: &Arc<Shared>, mut runner: R) {
         if active.is_empty() && !receive(shared, &mut active, None) {
             return; // closed and drained
         }
+        // Look at what arrived during the last batch even when `active` could fill the
+        // next one: a job that cannot finish in time must be shed now, not once the
+        // rows ahead of it have run and its deadline has passed.
+        take_queued(shared, &mut active);
         retire_abandoned(shared, &mut active);
         let Some(oldest) = active.front().map(|job| job.enqueued_at) else { continue };
 
@@ -150,6 +154,11 @@ fn receive(shared: &Shared, active: &mut VecDeque<Job>, until: Option<Instant>) 
             }
         }
     }
+}
+
+/// Moves whatever is queued into `active` without waiting.
+fn take_queued(shared: &Shared, active: &mut VecDeque<Job>) {
+    active.extend(shared.lock().jobs.drain(..));
 }
 
 /// Drops jobs whose client has gone (nobody would read the answer), answers jobs whose
