@@ -22,6 +22,7 @@ use crate::params::{ClassifyParams, ClassifyQuery};
 use crate::pipeline::Pipeline;
 use crate::redteam::attack::{AttackOptions, Method};
 use crate::redteam::evaluate::{AttackKind, EvaluateOptions};
+use crate::redteam::whitebox::WhiteBoxAttack;
 
 const DEFAULT_CONFIG: &str = "config/default.toml";
 
@@ -63,7 +64,8 @@ enum Command {
     /// Measure clean and adversarial accuracy of the raw model and defense presets
     /// on labelled photos; writes report.json and report.md.
     Evaluate(EvaluateArgs),
-    /// Attack one photo (Square or NES, optionally with EOT) against the raw model, a
+    /// Attack one photo (Square or NES, optionally with EOT; or white-box PGD / APGD
+    /// with gradients of the served ONNX files) against the raw model, a
     /// defended preset in-process, or a running server (`--url`); writes the adversarial
     /// PNG at the model's input size and prints one JSON line.
     Attack(AttackArgs),
@@ -97,9 +99,22 @@ struct EvaluateArgs {
     #[arg(long)]
     calibrate: bool,
     /// square / nes attack the raw model (transfer); square-eot / nes-eot attack
-    /// each preset's pipeline itself with EOT (adaptive).
+    /// each preset's pipeline itself with EOT (adaptive); pgd / apgd-ce / apgd-dlr are
+    /// white-box (gradients through a copy of each preset, EOT), worst case per photo.
     #[arg(long, value_delimiter = ',', default_value = "square,square-eot")]
     attacks: Vec<String>,
+    /// Gradient steps of each white-box attack.
+    #[arg(long, default_value_t = 20)]
+    whitebox_steps: usize,
+    /// Noisy views per noisy term and step of the white-box attacks (EOT draws).
+    #[arg(long, default_value_t = 3)]
+    whitebox_eot: usize,
+    /// Presets attacked white-box [default: every preset but none].
+    #[arg(long, value_delimiter = ',')]
+    whitebox_presets: Vec<String>,
+    /// Also an L2 white-box row at these radii (e.g. 0.5,1.0).
+    #[arg(long, value_delimiter = ',')]
+    whitebox_l2: Vec<f32>,
     /// Query budget of the adaptive attacks (each query is --eot defended answers).
     #[arg(long, default_value_t = 100)]
     adaptive_queries: usize,
@@ -146,8 +161,14 @@ impl EvaluateArgs {
             attacks: self
                 .attacks
                 .iter()
+                .filter(|a| WhiteBoxAttack::parse(a).is_none())
                 .map(|a| AttackKind::parse(a).map_err(|e| e.to_string()))
                 .collect::<Result<_, _>>()?,
+            whitebox: self.attacks.iter().filter_map(|a| WhiteBoxAttack::parse(a)).collect(),
+            whitebox_steps: self.whitebox_steps,
+            whitebox_eot: self.whitebox_eot,
+            whitebox_presets: self.whitebox_presets,
+            whitebox_l2: self.whitebox_l2,
             adaptive_queries: self.adaptive_queries,
             adaptive_images: self.adaptive_images,
             eot: self.eot,
@@ -217,6 +238,9 @@ impl AttackArgs {
             method: match self.method {
                 MethodArg::Square => Method::Square,
                 MethodArg::Nes => Method::Nes,
+                MethodArg::Pgd => Method::Pgd,
+                MethodArg::ApgdCe => Method::ApgdCe,
+                MethodArg::ApgdDlr => Method::ApgdDlr,
             },
             queries: self.queries,
             against: self.against,
@@ -240,6 +264,12 @@ enum NormArg {
 enum MethodArg {
     Square,
     Nes,
+    /// White-box PGD (cross-entropy, then margin loss) with EOT; --queries = steps.
+    Pgd,
+    /// White-box APGD on the cross-entropy (AutoAttack's step-size schedule).
+    ApgdCe,
+    /// White-box APGD on the DLR loss.
+    ApgdDlr,
 }
 
 pub fn main() -> ExitCode {

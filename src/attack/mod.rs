@@ -13,8 +13,11 @@ use serde::{Deserialize, Serialize};
 use crate::imaging::ModelImage;
 
 pub mod eot;
+pub mod gradient;
 pub mod nes;
+pub mod pgd;
 pub mod square;
+pub mod surrogate;
 #[cfg(test)]
 pub(crate) mod testing;
 
@@ -51,6 +54,9 @@ pub enum AttackError {
     Invalid(String),
     #[error(transparent)]
     Oracle(#[from] OracleError),
+    /// The gradient server failed or could not be reached.
+    #[error("gradients: {0}")]
+    Gradient(String),
     /// The oracle answered, but not with scores an attack can use.
     #[error("unusable oracle answer: {0}")]
     BadAnswer(String),

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use super::RedTeamError;
 use super::oracle::{Answer, DefendedPipeline, HttpService, RawModel, Seeds, Verdict, as_png};
+use super::whitebox::{WhiteBox, WhiteBoxAttack, WhiteBoxBudget};
 use crate::attack::eot::Eot;
 use crate::attack::nes::{NesConfig, nes_attack};
 use crate::attack::square::{SquareConfig, square_attack};
@@ -24,10 +25,25 @@ use crate::model::{Labels, ModelRegistry};
 use crate::pipeline::Pipeline;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "kebab-case")]
 pub enum Method {
     Square,
     Nes,
+    /// White-box: gradients through a differentiable copy of the pipeline (in-process only).
+    Pgd,
+    ApgdCe,
+    ApgdDlr,
+}
+
+impl Method {
+    fn white_box(self) -> Option<WhiteBoxAttack> {
+        match self {
+            Method::Square | Method::Nes => None,
+            Method::Pgd => Some(WhiteBoxAttack::Pgd),
+            Method::ApgdCe => Some(WhiteBoxAttack::ApgdCe),
+            Method::ApgdDlr => Some(WhiteBoxAttack::ApgdDlr),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +129,11 @@ pub fn run(
 ) -> Result<AttackReport, RedTeamError> {
     if options.eot == 0 {
         return Err(RedTeamError::Invalid("--eot must be at least 1".into()));
+    }
+    if options.method.white_box().is_some() && options.url.is_some() {
+        return Err(RedTeamError::Invalid(
+            "white-box attacks run in-process (they need the weights); judge the written PNG with curl".into(),
+        ));
     }
     let started = Instant::now();
     let against_raw = options.against == "raw";
@@ -214,6 +235,34 @@ pub fn run(
             Method::Nes => {
                 let config = NesConfig::new(options.norm, options.epsilon, options.queries, options.seed);
                 nes_attack(&mut eot, &clean, &goal, &config, &mut progress)?
+            }
+            Method::Pgd | Method::ApgdCe | Method::ApgdDlr => {
+                let Target::Local { pipeline, runtime } = &target else {
+                    return Err(RedTeamError::Invalid("white-box attacks run in-process".into()));
+                };
+                let root = std::env::current_dir().map_err(RedTeamError::io("."))?;
+                let mut white_box = WhiteBox::start(Arc::clone(pipeline), runtime.clone(), &root)?;
+                let budget = WhiteBoxBudget {
+                    norm: options.norm,
+                    epsilon: options.epsilon,
+                    steps: options.queries,
+                    eot: options.eot,
+                    judge_draws: 1,
+                    seed: options.seed,
+                };
+                let params = [("defense", defense.as_str()), ("model", model_name.as_str())];
+                let attacks: Vec<WhiteBoxAttack> = options.method.white_box().into_iter().collect();
+                let found = white_box.attack(&clean, goal, &params, &attacks, &budget, &mut progress)?;
+                let outcome = found.outcome;
+                crate::attack::AttackOutcome {
+                    success: outcome.success,
+                    queries: found.steps,
+                    margin: -outcome.loss,
+                    linf: outcome.linf,
+                    l2: outcome.l2,
+                    margin_history: Vec::new(),
+                    adversarial: outcome.adversarial,
+                }
             }
         };
         (outcome, original_class, goal)

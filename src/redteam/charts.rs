@@ -321,6 +321,16 @@ fn percent_label(value: &f64) -> String {
 /// Certified accuracy (y, 0..1) against L2 radius (x), one curve per sigma or preset.
 /// With no curves (or only empty ones) the axes are still drawn, with a note.
 pub fn certified_accuracy_chart(path: &Path, title: &str, curves: &[Curve]) -> Result<(), ChartError> {
+    accuracy_curves_chart(path, title, ("L2 radius", "certified accuracy"), curves)
+}
+
+/// Accuracy (y, 0..1) against a radius or budget (x), one curve per series.
+pub fn accuracy_curves_chart(
+    path: &Path,
+    title: &str,
+    (x_desc, y_desc): (&str, &str),
+    curves: &[Curve],
+) -> Result<(), ChartError> {
     // Non-finite points (a 0/0 from an empty bucket) have no place on the axes and would
     // map to nonsense pixels; points are sorted by radius so unsorted input does not
     // draw as a zigzag.
@@ -354,8 +364,8 @@ pub fn certified_accuracy_chart(path: &Path, title: &str, curves: &[Curve]) -> R
             .map_err(drawing_error)?;
         chart
             .configure_mesh()
-            .x_desc("L2 radius")
-            .y_desc("certified accuracy")
+            .x_desc(x_desc)
+            .y_desc(y_desc)
             .axis_desc_style(text_style(AXIS_DESC_FONT_SIZE, TEXT_COLOUR))
             .label_style(text_style(TICK_FONT_SIZE, TEXT_COLOUR))
             .x_label_formatter(&|radius| format!("{radius:.2}"))

@@ -10,6 +10,7 @@ pub mod attack;
 pub mod charts;
 pub mod evaluate;
 pub mod oracle;
+pub mod whitebox;
 
 use std::path::PathBuf;
 

@@ -18,6 +18,7 @@ mod markdown;
 mod report;
 mod samples;
 mod transfer;
+mod whitebox;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,12 +27,14 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 pub use report::{
-    AdaptiveResult, AttackSummary, Calibration, CertifiedResult, CleanResult, EvaluationReport, Example, TransferResult,
+    AdaptiveResult, AttackSummary, Calibration, CertifiedResult, CleanResult, EvaluationReport, Example,
+    TransferResult, WhiteBoxRow,
 };
 pub use samples::{Sample, clean_variants, load_samples, png_bytes};
 
 use super::RedTeamError;
 use super::oracle::oracle_error;
+use super::whitebox::WhiteBoxAttack;
 use crate::config::Config;
 use crate::imaging::DecodeLimits;
 use crate::model::{LoadedModel, ModelRegistry};
@@ -70,6 +73,14 @@ pub struct EvaluateOptions {
     /// The adaptive attacker fixes the defense's noise (the API's `seed`): every
     /// candidate is scored under the same `eot` draws (`Seeds::Fixed`).
     pub fixed_noise: bool,
+    /// White-box attacks (empty: no white-box phase), tried in order per photo.
+    pub whitebox: Vec<WhiteBoxAttack>,
+    pub whitebox_steps: usize,
+    pub whitebox_eot: usize,
+    /// Presets attacked white-box (empty: every preset but `none`).
+    pub whitebox_presets: Vec<String>,
+    /// L2 radii of an extra white-box row (empty: L∞ only).
+    pub whitebox_l2: Vec<f32>,
 }
 
 /// One attack of `--attacks`.
@@ -199,11 +210,13 @@ pub fn run(
         examples: Vec::new(),
         adaptive: Vec::new(),
         certified: Vec::new(),
+        whitebox: Vec::new(),
         charts: Vec::new(),
     };
     report.clean = clean::measure(&evaluator)?;
     let transfer_images = transfer::run(&evaluator, &mut report)?;
     report.adaptive = adaptive::run(&evaluator, &transfer_images)?;
+    report.whitebox = whitebox::run(&evaluator)?;
     report.certified = certify::run(&evaluator)?;
     if options.calibrate {
         report.calibration = clean::calibrate(&evaluator)?;

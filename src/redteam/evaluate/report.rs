@@ -15,6 +15,9 @@ pub struct EvaluationReport {
     pub examples: Vec<Example>,
     pub adaptive: Vec<AdaptiveResult>,
     pub certified: Vec<CertifiedResult>,
+    /// White-box attacks (gradients through a copy of each preset) beside transfer.
+    #[serde(default)]
+    pub whitebox: Vec<WhiteBoxRow>,
     /// Chart files written beside the report, relative to it.
     pub charts: Vec<String>,
 }
@@ -139,4 +142,32 @@ pub struct Example {
     pub png: String,
     /// Strip chart (original, adversarial, amplified perturbation), when drawn.
     pub strip: Option<String>,
+}
+
+/// White-box robustness of one preset at one radius, on the photos the raw model gets right.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WhiteBoxRow {
+    pub preset: String,
+    /// "linf" or "l2".
+    pub norm: String,
+    /// The radius in [0, 1] pixel units (L∞: per value; L2: over 3×H×W values).
+    pub epsilon: f32,
+    /// The attacks tried per photo, in order, until one succeeded.
+    pub attacks: Vec<String>,
+    pub steps: usize,
+    pub eot: usize,
+    /// Fresh-noise verdicts per adversarial image; robust = right on every one.
+    pub judge_draws: usize,
+    pub photos: usize,
+    /// Right on every draw after the white-box attacks (worst case over them).
+    pub whitebox_robust: usize,
+    /// Right on every draw after PGD on the raw model alone (transfer from white-box Lite0).
+    pub transfer_robust: usize,
+    /// Robust against both (what the preset holds against this project's attacks).
+    pub robust: usize,
+    /// Median gradient steps to a confirmed success.
+    pub median_steps: f64,
+    pub seconds_per_photo: f64,
+    /// Rows through the gradient server per step, on average.
+    pub rows_per_step: f64,
 }
