@@ -54,7 +54,10 @@ build:
 run: setup build
 	$(BINARY) serve --config config/default.toml
 
+# The white-box red team's gradients first (parity with ONNX Runtime, finite-difference
+# checks: models/gradients/README.md), then every Rust test.
 test: setup nginx
+	$(VENV_PY) -m unittest models/gradients/test_gradients.py
 	$(CARGO) test --release --locked
 
 # The Python peer of the HTTP benchmark (FastAPI + onnxruntime), in a venv of its own.
