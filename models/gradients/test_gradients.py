@@ -6,8 +6,8 @@ Run from the repository root, after `make setup` (models/*.onnx and testdata/ima
 
   parity     JAX logits == onnxruntime logits (max abs diff < 1e-3) on the sample photos,
              for Lite0/1/2; a tiny graph with every other supported op, against onnxruntime
-  gradient   float64: directional derivatives of <w, logits> and of the cross-entropy of the
-             true class == central finite differences (relative error < 1e-4);
+  gradient   float64, for Lite0/1/2: directional derivatives of <w, logits> and of the
+             cross-entropy of the true class == central finite differences (relative error < 1e-4);
              float32 gradient == float64 gradient (cosine > 0.999)
   protocol   server.py as a subprocess: ready/forward/backward/release/logits/error frames,
              gradient == the in-process one
@@ -400,6 +400,17 @@ class GradientTest(unittest.TestCase):
             report(f"{self.NAME} {what}: float32 vs float64 gradient cosine {cosine.min():.7f}, "
                    f"relative L2 difference {rel.max():.1e}")
             self.assertTrue(np.all(cosine > COSINE_MIN), cosine)
+
+
+class GradientTestLite1(GradientTest):
+    """The same checks on Lite1 (one photo: the float64 passes of the larger models are slow)."""
+    NAME = MODELS[1]
+    ROWS = 1
+
+
+class GradientTestLite2(GradientTest):
+    NAME = MODELS[2]
+    ROWS = 1
 
 
 # --------------------------------------------------------------------------------------
