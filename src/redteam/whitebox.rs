@@ -124,6 +124,20 @@ impl WhiteBox {
         Ok(Surrogate::new(&mut self.server, models, terms, parsed.defense.sigma, budget.eot, budget.seed)?)
     }
 
+    /// One step of `params`' differentiable copy at `image`: the loss, its gradient and
+    /// the copy's mean probabilities, nothing judged. For checking that gradients flow
+    /// through a preset (finite, not masked to zero) before trusting an attack on it.
+    pub fn probe(
+        &mut self,
+        image: &ModelImage,
+        goal: Goal,
+        loss: Loss,
+        params: &[(&str, &str)],
+        budget: &WhiteBoxBudget,
+    ) -> Result<Step, RedTeamError> {
+        Ok(self.surrogate(params, budget)?.step(&image.data, goal, loss)?)
+    }
+
     /// Attacks `image` (raw model size, [0, 1]) of class `truth` against `params`, with
     /// each of `attacks` in turn until one succeeds on the real pipeline.
     pub fn attack(
