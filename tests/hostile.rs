@@ -8,11 +8,11 @@
 
 mod common;
 
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Write};
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, client, photo, read, root, samples, test_config};
+use common::{TestServer, client, photo, read, read_json_answer, root, samples, test_config};
 use image::{DynamicImage, ImageFormat, RgbImage};
 use pandaguard::api::{ClassifyResponse, ErrorResponse};
 use reqwest::StatusCode;
@@ -703,27 +703,10 @@ fn exchange(head: &str, body: Vec<u8>) -> (u16, String, Duration) {
     let sender = std::thread::spawn(move || {
         let _ = writer.write_all(&body);
     });
-    let (status, text) = read_answer(&mut stream);
+    let (status, text) = read_json_answer(&mut stream);
     let _ = stream.shutdown(std::net::Shutdown::Both);
     let _ = sender.join();
     (status, text, started.elapsed())
-}
-
-fn read_answer(stream: &mut std::net::TcpStream) -> (u16, String) {
-    let mut answer = Vec::new();
-    let mut buffer = [0u8; 4096];
-    while let Ok(n) = stream.read(&mut buffer) {
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buffer[..n]);
-        let text = String::from_utf8_lossy(&answer);
-        if text.contains("\r\n\r\n{") && text.trim_end().ends_with('}') {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&answer).to_string();
-    (text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0), text)
 }
 
 /// Sends the head of a POST declaring `declared` body bytes, then `chunk` bytes
@@ -753,7 +736,7 @@ fn trickle(declared: usize, chunk: usize, every: Duration) -> (u16, String, Dura
             std::thread::sleep(Duration::from_millis(10));
         }
     });
-    let (status, text) = read_answer(&mut stream);
+    let (status, text) = read_json_answer(&mut stream);
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let _ = sender.join();

@@ -6,7 +6,7 @@ mod common;
 use std::sync::LazyLock;
 use std::time::{Duration, Instant};
 
-use common::{TestServer, client, photo, read, samples, test_config};
+use common::{TestServer, client, photo, read, read_json_answer, samples, test_config};
 use pandaguard::api::{ClassifyResponse, ErrorResponse, ModelsResponse};
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -180,27 +180,12 @@ async fn oversized_bodies_and_images_are_refused_with_413() {
 
 /// Sends `head` and `body` on a fresh connection and reads the answer: (status, body).
 fn raw_exchange(head: &str, body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
+    use std::io::Write;
     let mut stream = std::net::TcpStream::connect(SERVER.addr).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     stream.write_all(head.as_bytes()).unwrap();
     let _ = stream.write_all(body);
-    let mut answer = Vec::new();
-    let mut buffer = [0u8; 4096];
-    // Read until the JSON body has arrived (the server may close or keep the connection).
-    while let Ok(n) = stream.read(&mut buffer) {
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&buffer[..n]);
-        let text = String::from_utf8_lossy(&answer);
-        if text.contains("\r\n\r\n{") && text.trim_end().ends_with('}') {
-            break;
-        }
-    }
-    let text = String::from_utf8_lossy(&answer).to_string();
-    let status = text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, text)
+    read_json_answer(&mut stream)
 }
 
 #[tokio::test]

@@ -357,15 +357,7 @@ mod tests {
         let (image, y) = input(3);
         let mut oracle = Linear::new(1);
         let target = (y + 1) % CLASSES;
-        let logits = oracle.logits(&image.data);
-        // 2× the ε needed along the best direction for y vs t, checked to be enough.
-        let direction: Vec<f32> =
-            oracle.weights[target].iter().zip(&oracle.weights[y]).map(|(t, o)| (t - o).signum()).collect();
-        let l1: f32 =
-            direction.iter().zip(&oracle.weights[target]).zip(&oracle.weights[y]).map(|((d, t), o)| d * (t - o)).sum();
-        let eps = 2.0 * (logits[y] - logits[target]) / l1;
-        let witness: Vec<f32> = image.data.iter().zip(&direction).map(|(x, d)| x + eps * d).collect();
-        assert_eq!(oracle.predict(&witness), target);
+        let eps = oracle.targeted_linf_epsilon(&image.data, y, target);
 
         let config = NesConfig::new(Norm::Linf, eps, 10_000, 11);
         let goal = Goal::Targeted { target };

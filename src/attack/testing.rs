@@ -57,6 +57,21 @@ impl Linear {
             })
             .fold(f32::INFINITY, f32::min)
     }
+
+    /// For moving `data` (class `y`) to class `target` under L∞: twice the ε that the
+    /// best direction for y vs target needs, checked to reach the target (so a solution
+    /// exists inside the ball). Necessary: ε ≥ (s_y − s_t)/‖w_y − w_t‖₁.
+    pub(crate) fn targeted_linf_epsilon(&self, data: &[f32], y: usize, target: usize) -> f32 {
+        let logits = self.logits(data);
+        let direction: Vec<f32> =
+            self.weights[target].iter().zip(&self.weights[y]).map(|(t, o)| (t - o).signum()).collect();
+        let l1: f32 =
+            direction.iter().zip(&self.weights[target]).zip(&self.weights[y]).map(|((d, t), o)| d * (t - o)).sum();
+        let eps = 2.0 * (logits[y] - logits[target]) / l1;
+        let witness: Vec<f32> = data.iter().zip(&direction).map(|(x, d)| x + eps * d).collect();
+        assert_eq!(self.predict(&witness), target, "no witness at 2x the needed epsilon");
+        eps
+    }
 }
 
 impl Oracle for Linear {

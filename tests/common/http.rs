@@ -46,6 +46,26 @@ pub fn read_response(stream: &mut TcpStream) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Reads an answer until its JSON body has arrived, whether the server then closes the
+/// connection or keeps it open: the status (0 if none) and the whole text, head included.
+/// For early answers sent while the client may still be writing its body.
+pub fn read_json_answer(stream: &mut TcpStream) -> (u16, String) {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while let Ok(n) = stream.read(&mut buffer) {
+        if n == 0 {
+            break;
+        }
+        answer.extend_from_slice(&buffer[..n]);
+        let text = String::from_utf8_lossy(&answer);
+        if text.contains("\r\n\r\n{") && text.trim_end().ends_with('}') {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).to_string();
+    (text.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0), text)
+}
+
 fn dechunk(mut rest: &str) -> String {
     let mut out = String::new();
     while let Some((size, after)) = rest.split_once("\r\n") {

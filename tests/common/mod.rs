@@ -15,7 +15,7 @@ pub mod in_process;
 pub mod paths;
 pub mod replica;
 
-pub use http::{client, get, raw_class_id, read_response, request};
+pub use http::{client, get, raw_class_id, read_json_answer, read_response, request};
 pub use in_process::{TestServer, test_config};
 pub use paths::{photo, read, root, samples, venv_python};
 pub use replica::{Replica, Scratch, find_nginx, free_port};
