@@ -14,8 +14,10 @@
 //! 7. [`model`]: model cards, labels, the registry of loaded models.
 //! 8. [`api`]: the JSON types of the API (the wire format, shared with clients).
 //!
-//! Beside the request path: [`attack`] (Square, NES, EOT against an oracle) and
-//! [`redteam`] (oracles, `attack` and `evaluate` commands, charts) — used by the CLI,
+//! Beside the request path: [`attack`] (Square, NES, EOT against an oracle; PGD and
+//! APGD on a differentiable copy of a preset, with gradients of the served ONNX files
+//! from models/gradients) and [`redteam`] (oracles, white-box runs, the `attack` and
+//! `evaluate` commands, charts) — used by the CLI,
 //! never by the server; [`config`], [`runtime`] (finding ONNX Runtime), [`telemetry`],
 //! [`cli`].
 
