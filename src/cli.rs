@@ -71,6 +71,17 @@ enum Command {
     Attack(AttackArgs),
     /// List the configured models and check their files.
     Models,
+    /// Draw the white-box robust-accuracy chart from the report.json of one or more
+    /// `evaluate` runs (white-box runs are long: split them by radius or preset, chart
+    /// them together).
+    Chart {
+        /// report.json files, comma-separated or repeated.
+        #[arg(long, value_delimiter = ',', required = true)]
+        reports: Vec<PathBuf>,
+        /// The PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 #[derive(clap::Args)]
@@ -314,6 +325,13 @@ pub fn main() -> ExitCode {
             }
             runtime.block_on(classify(config, &pairs, &images))
         }
+        Command::Chart { reports, out } => match whitebox_chart_of(&reports, &out) {
+            Ok(rows) => {
+                eprintln!("wrote {} ({rows} white-box rows)", out.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::Evaluate(args) => {
             let options = match args.into_options() {
                 Ok(options) => options,
@@ -451,4 +469,25 @@ fn list_models(config: &Config) -> ExitCode {
         }
     }
     if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
+
+/// The white-box rows of `reports`, charted into `out`; how many rows were read.
+fn whitebox_chart_of(reports: &[PathBuf], out: &Path) -> Result<usize, String> {
+    let mut rows = Vec::new();
+    for path in reports {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        // Only the white-box rows are read: other sections hold NaNs written as null.
+        #[derive(serde::Deserialize)]
+        struct WhiteBoxRows {
+            whitebox: Vec<crate::redteam::evaluate::WhiteBoxRow>,
+        }
+        let report: WhiteBoxRows =
+            serde_json::from_str(&text).map_err(|e| format!("{}: not an evaluate report: {e}", path.display()))?;
+        rows.extend(report.whitebox);
+    }
+    if !rows.iter().any(|r| r.norm == "linf") {
+        return Err("the reports hold no L∞ white-box rows (run evaluate with --attacks pgd,apgd-ce)".into());
+    }
+    crate::redteam::evaluate::whitebox_chart(&rows, out).map_err(|e| e.to_string())?;
+    Ok(rows.len())
 }

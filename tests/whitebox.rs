@@ -181,6 +181,34 @@ fn white_box_is_the_strongest_attack_and_grows_with_epsilon_and_steps() {
     );
     println!("fast at 1/255: right after 1 step {few}, after 5 steps {more}");
     assert!(more <= few, "more photos right after 5 steps ({more}) than after 1 ({few})");
+
+    // `pandaguard chart` draws both runs' rows in one chart; a report without white-box
+    // rows is refused with a message.
+    let dir = std::env::temp_dir().join(format!("pandaguard-whitebox-chart-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut without_rows = one_step.clone();
+    without_rows["whitebox"] = serde_json::json!([]);
+    for (name, value) in [("a.json", &report), ("b.json", &one_step), ("none.json", &without_rows)] {
+        std::fs::write(dir.join(name), serde_json::to_vec(value).unwrap()).unwrap();
+    }
+    let chart = |reports: &[&str]| {
+        let reports: Vec<String> = reports.iter().map(|r| dir.join(r).display().to_string()).collect();
+        Command::new(env!("CARGO_BIN_EXE_pandaguard"))
+            .current_dir(root())
+            .env("PANDAGUARD_LOG", "warn")
+            .args(["chart", "--reports", &reports.join(","), "--out"])
+            .arg(dir.join("chart.png"))
+            .output()
+            .unwrap()
+    };
+    let drawn = chart(&["a.json", "b.json"]);
+    assert!(drawn.status.success(), "{}", String::from_utf8_lossy(&drawn.stderr));
+    let png = image::open(dir.join("chart.png")).unwrap();
+    assert!(png.width() > 100 && png.height() > 100);
+    let refused = chart(&["none.json"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no L∞ white-box rows"), "{refused:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Gradients through the differentiable copy of every preset of the shipped config, and

@@ -29,26 +29,9 @@ pub(super) fn summary_charts(report: &EvaluationReport, out: &Path) -> Vec<Strin
             Err(e) => eprintln!("no certified-accuracy chart: {e}"),
         }
     }
-    let linf: Vec<&super::WhiteBoxRow> = report.whitebox.iter().filter(|r| r.norm == "linf").collect();
-    if !linf.is_empty() {
-        let mut curves: Vec<charts::Curve> = Vec::new();
-        for row in &linf {
-            for (suffix, robust) in [("white-box + transfer", row.robust), ("transfer only", row.transfer_robust)] {
-                let label = format!("{} ({suffix})", row.preset);
-                let point = (f64::from(row.epsilon) * 255.0, robust as f64 / row.photos.max(1) as f64);
-                match curves.iter_mut().find(|c| c.label == label) {
-                    Some(curve) => curve.points.push(point),
-                    None => curves.push(charts::Curve { label, points: vec![(0.0, 1.0), point] }),
-                }
-            }
-        }
+    if report.whitebox.iter().any(|r| r.norm == "linf") {
         let path = "charts/whitebox_robust_accuracy.png";
-        match charts::accuracy_curves_chart(
-            &out.join(path),
-            "Robust accuracy against L∞ radius (photos raw gets right; 3 fresh draws each)",
-            ("ε (L∞, /255)", "robust accuracy"),
-            &curves,
-        ) {
+        match whitebox_chart(&report.whitebox, &out.join(path)) {
             Ok(()) => written.push(path.to_string()),
             Err(e) => eprintln!("no white-box chart: {e}"),
         }
@@ -75,6 +58,34 @@ pub(super) fn summary_charts(report: &EvaluationReport, out: &Path) -> Vec<Strin
         }
     }
     written
+}
+
+/// Robust accuracy against the L∞ radius, one curve per preset (worst case over the
+/// white-box and the transfer attack) and its transfer-only curve, from white-box rows
+/// that may come from several runs (`pandaguard chart` merges reports split by radius or
+/// preset). A preset measured twice at one radius keeps its first row.
+pub fn whitebox_chart(rows: &[super::WhiteBoxRow], path: &Path) -> Result<(), charts::ChartError> {
+    let mut curves: Vec<charts::Curve> = Vec::new();
+    for row in rows.iter().filter(|r| r.norm == "linf") {
+        for (suffix, robust) in [("", row.robust), (", transfer only", row.transfer_robust)] {
+            let label = format!("{}{suffix}", row.preset);
+            let point = (f64::from(row.epsilon) * 255.0, robust as f64 / row.photos.max(1) as f64);
+            match curves.iter_mut().find(|c| c.label == label) {
+                Some(curve) if curve.points.iter().any(|p| (p.0 - point.0).abs() < 1e-6) => {}
+                Some(curve) => curve.points.push(point),
+                None => curves.push(charts::Curve { label, points: vec![(0.0, 1.0), point] }),
+            }
+        }
+    }
+    for curve in &mut curves {
+        curve.points.sort_by(|a, b| a.0.total_cmp(&b.0));
+    }
+    charts::accuracy_curves_chart(
+        path,
+        "Robust accuracy against L∞ radius (photos raw gets right; 3 fresh draws each)",
+        ("ε (L∞, /255)", "robust accuracy"),
+        &curves,
+    )
 }
 
 fn percent(part: usize, whole: usize) -> String {

@@ -26,6 +26,7 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+pub use markdown::whitebox_chart;
 pub use report::{
     AdaptiveResult, AttackSummary, Calibration, CertifiedResult, CleanResult, EvaluationReport, Example,
     TransferResult, WhiteBoxRow,

@@ -165,9 +165,16 @@ pub struct WhiteBoxRow {
     pub transfer_robust: usize,
     /// Robust against both (what the preset holds against this project's attacks).
     pub robust: usize,
-    /// Median gradient steps to a confirmed success.
+    /// Median gradient steps to a confirmed success (NaN, written as null, when no
+    /// photo was broken).
+    #[serde(deserialize_with = "nan_when_null")]
     pub median_steps: f64,
     pub seconds_per_photo: f64,
     /// Rows through the gradient server per step, on average.
     pub rows_per_step: f64,
+}
+
+/// serde_json writes a NaN as null; read it back as NaN.
+fn nan_when_null<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(deserializer)?.unwrap_or(f64::NAN))
 }
