@@ -223,6 +223,7 @@ pub fn run(
         report.calibration = clean::calibrate(&evaluator)?;
     }
     report.charts.extend(report.examples.iter().filter_map(|e| e.strip.clone()));
+    report.charts.extend(report.whitebox.iter().filter_map(|r| r.strip.clone()));
     report.charts.extend(markdown::summary_charts(&report, &options.out));
     markdown::write(&report, &options.out)?;
     evaluator.pipeline.registry().close();

@@ -172,6 +172,9 @@ pub struct WhiteBoxRow {
     pub seconds_per_photo: f64,
     /// Rows through the gradient server per step, on average.
     pub rows_per_step: f64,
+    /// original | adversarial | perturbation for the first photo broken (charts/…).
+    #[serde(default)]
+    pub strip: Option<String>,
 }
 
 /// serde_json writes a NaN as null; read it back as NaN.

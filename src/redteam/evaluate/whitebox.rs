@@ -105,6 +105,7 @@ fn attack_preset(
         median_steps: f64::NAN,
         seconds_per_photo: 0.0,
         rows_per_step: 0.0,
+        strip: None,
     };
     let (mut steps_to_success, mut total_steps, mut total_rows) = (Vec::new(), 0usize, 0usize);
     let bar = progress_bar(photos.len());
@@ -122,7 +123,11 @@ fn attack_preset(
             steps_to_success.push(found.steps as f64);
         }
         let name = format!("whitebox-{preset}-{}-{}", radius_name(budget.norm, budget.epsilon), sample.stem());
-        ev.write(&format!("adversarial/{name}.png"), &png_bytes(&found.outcome.adversarial)?)?;
+        let adversarial_png = png_bytes(&found.outcome.adversarial)?;
+        ev.write(&format!("adversarial/{name}.png"), &adversarial_png)?;
+        if found.outcome.success && row.strip.is_none() {
+            row.strip = example_strip(ev, sample, &found.outcome.adversarial, adversarial_png, preset, budget, &name)?;
+        }
         // The transfer example, judged on this preset with fresh draws.
         let png = png_bytes(&transfer[n])?;
         let mut transfer_robust = true;
@@ -149,4 +154,40 @@ fn attack_preset(
         n = row.photos
     );
     Ok(row)
+}
+
+/// original | white-box adversarial | perturbation ×20 for the first photo broken at this
+/// preset and radius, captioned with one fresh answer of the real pipeline; the chart's
+/// path, or None when it could not be drawn (said on stderr, the run goes on).
+fn example_strip(
+    ev: &Evaluator<'_>,
+    sample: &crate::redteam::evaluate::Sample,
+    adversarial: &ModelImage,
+    png: Vec<u8>,
+    preset: &str,
+    budget: &WhiteBoxBudget,
+    name: &str,
+) -> Result<Option<String>, RedTeamError> {
+    let answer = ev.preset(png, preset, u64::MAX / 5 + ev.options.seed)?;
+    let labels = &answer.model.labels;
+    let defended = answer.defended.class_id.map_or("abstain", |c| labels.name(c));
+    let radius = match budget.norm {
+        Norm::Linf => format!("L∞ {:.0}/255", eps_255(budget.epsilon)),
+        Norm::L2 => format!("L2 {}", budget.epsilon),
+    };
+    let captions = [
+        format!("original: {}", labels.name(sample.class_id)),
+        format!("white-box: raw {} / {preset} {defended}", labels.name(answer.raw_class())),
+        format!("perturbation x20 ({radius})"),
+    ];
+    let path = format!("charts/strip_{name}.png");
+    let captions = [captions[0].as_str(), captions[1].as_str(), captions[2].as_str()];
+    match crate::redteam::charts::example_strip(&ev.options.out.join(&path), &sample.clean, adversarial, 20.0, captions)
+    {
+        Ok(()) => Ok(Some(path)),
+        Err(e) => {
+            eprintln!("no white-box strip: {e}");
+            Ok(None)
+        }
+    }
 }
