@@ -18,7 +18,7 @@ mod worker;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
@@ -56,24 +56,82 @@ pub struct EngineOptions {
 /// intra-op thread pool sized to the cores; two runs at once would each bring their
 /// calling thread on top of the pool and oversubscribe the CPU, so by default runs
 /// take turns and each gets every core.
-#[derive(Debug)]
+///
+/// Turns are first come, first served (a ticket queue): a worker that has just run
+/// queues behind the workers already waiting, so busy engines alternate batch by batch
+/// and none starves. That makes waits predictable, and the gate knows the engines
+/// behind it so a worker can estimate how long its rows wait ([`RunGate::wait_for`]).
 pub struct RunGate {
-    free: Mutex<usize>,
-    released: Condvar,
+    permits: usize,
+    turns: Mutex<Turns>,
+    changed: Condvar,
+    members: Mutex<Vec<Weak<Shared>>>,
+}
+
+/// Tickets handed out and runs finished: ticket `t` may run once `t < finished + permits`.
+#[derive(Default)]
+struct Turns {
+    issued: u64,
+    finished: u64,
+}
+
+impl std::fmt::Debug for RunGate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunGate").field("permits", &self.permits).finish_non_exhaustive()
+    }
 }
 
 impl RunGate {
     pub fn new(permits: usize) -> Self {
-        Self { free: Mutex::new(permits.max(1)), released: Condvar::new() }
+        Self {
+            permits: permits.max(1),
+            turns: Mutex::new(Turns::default()),
+            changed: Condvar::new(),
+            members: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How many runs may be in flight at once.
+    pub fn permits(&self) -> usize {
+        self.permits
     }
 
     fn acquire(&self) -> RunPermit<'_> {
-        let mut free = self.free.lock().unwrap_or_else(|p| p.into_inner());
-        while *free == 0 {
-            free = self.released.wait(free).unwrap_or_else(|p| p.into_inner());
+        let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
+        let ticket = turns.issued;
+        turns.issued += 1;
+        while ticket >= turns.finished + self.permits as u64 {
+            turns = self.changed.wait(turns).unwrap_or_else(|p| p.into_inner());
         }
-        *free -= 1;
         RunPermit { gate: self }
+    }
+
+    fn join(&self, engine: &Arc<Shared>) {
+        let mut members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        members.retain(|m| m.strong_count() > 0);
+        members.push(Arc::downgrade(engine));
+    }
+
+    /// How long until `rows` more rows of engine `me` have run, when they are queued
+    /// behind `ahead` rows of its own: its batches, and since busy engines alternate
+    /// batch by batch, up to one batch of every other engine's queued rows before each
+    /// of ours, at each engine's measured cost per row.
+    fn wait_for(&self, me: &Shared, ahead: usize, rows: usize) -> Duration {
+        let own_rows = ahead + rows;
+        let own_batches = own_rows.div_ceil(me.options.max_batch_rows.max(1));
+        let members = self.members.lock().unwrap_or_else(|p| p.into_inner());
+        let others: Duration = members
+            .iter()
+            .filter_map(Weak::upgrade)
+            .filter(|other| !std::ptr::eq(Arc::as_ptr(other), me))
+            .map(|other| {
+                let queued = other.queued_rows.load(Ordering::Acquire);
+                let interleaved = queued.min(own_batches.saturating_mul(other.options.max_batch_rows));
+                other.row_cost().saturating_mul(u32::try_from(interleaved).unwrap_or(u32::MAX))
+            })
+            .sum();
+        let own = me.row_cost().saturating_mul(u32::try_from(own_rows).unwrap_or(u32::MAX));
+        (own + others) / self.permits as u32
     }
 }
 
@@ -83,8 +141,8 @@ struct RunPermit<'a> {
 
 impl Drop for RunPermit<'_> {
     fn drop(&mut self) {
-        *self.gate.free.lock().unwrap_or_else(|p| p.into_inner()) += 1;
-        self.gate.released.notify_one();
+        self.gate.turns.lock().unwrap_or_else(|p| p.into_inner()).finished += 1;
+        self.gate.changed.notify_all();
     }
 }
 
@@ -204,15 +262,17 @@ impl Shared {
         }
     }
 
-    /// Folds a batch's measured cost into the per-row average: a dearer batch moves it
-    /// halfway at once (when other work takes the cores, admission must know now), a
-    /// cheaper one by a fifth (one quick batch does not mean the load is gone).
+    /// Folds a batch's measured cost into the per-row average, a quarter of the way: a
+    /// few batches follow a lasting change (another process on the cores), while the
+    /// short spike of a burst's arrival (hundreds of connections, decodes and views at
+    /// once) does not make every queued request look late. (Moving halfway up at once,
+    /// as this did before, shed half the admitted requests of a burst as late that
+    /// would have finished in time.)
     fn record_cost(&self, elapsed: Duration, rows: usize) {
         let per_row = (elapsed.as_nanos() / rows.max(1) as u128).min(u128::from(u64::MAX)) as u64;
         let next = |old: u64| match old {
             0 => per_row,
-            old if per_row > old => (old + per_row) / 2,
-            old => (4 * old + per_row) / 5,
+            old => (3 * old + per_row) / 4,
         };
         let old = self.row_cost_ns.fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| Some(next(old)));
         let cost = next(old.unwrap_or(0));
@@ -221,6 +281,11 @@ impl Shared {
 
     fn row_cost(&self) -> Duration {
         Duration::from_nanos(self.row_cost_ns.load(Ordering::Acquire))
+    }
+
+    /// Rows admitted and not yet run, at the measured cost per row.
+    fn queued_work(&self) -> Duration {
+        self.row_cost().saturating_mul(u32::try_from(self.queued_rows.load(Ordering::Acquire)).unwrap_or(u32::MAX))
     }
 }
 
@@ -268,6 +333,7 @@ impl Engine {
             row_cost_ns: AtomicU64::new(0),
             alive: AtomicBool::new(true),
         });
+        options.gate.join(&shared);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let worker_shared = Arc::clone(&shared);
         std::thread::Builder::new()
@@ -315,6 +381,11 @@ impl Engine {
     /// Measured cost of one row in a `Session::run` (zero before the first batch).
     pub fn row_cost(&self) -> Duration {
         self.shared.row_cost()
+    }
+
+    /// Rows admitted and not yet run, at the measured cost per row.
+    pub fn queued_work(&self) -> Duration {
+        self.shared.queued_work()
     }
 
     /// Holds `rows` of the queue's capacity for a request that submits them later (with

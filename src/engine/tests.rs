@@ -238,3 +238,65 @@ fn a_runner_that_fails_to_load_is_reported() {
     assert_eq!(err.to_string(), "no such file");
     assert!(matches!(err, EngineError::Start(_)));
 }
+
+/// Two engines behind one gate, as every model of a process is.
+fn two_engines(delay: Duration) -> (Engine, Engine, Arc<Mutex<Vec<&'static str>>>) {
+    let gate = Arc::new(RunGate::new(1));
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let engine = |name: &'static str| {
+        let order = Arc::clone(&order);
+        let options = EngineOptions { name: name.into(), gate: Arc::clone(&gate), ..options(4, 64) };
+        Engine::start(options, move || Ok(NamedRunner { name, order, delay })).unwrap()
+    };
+    (engine("a"), engine("b"), order)
+}
+
+/// Records which engine ran each batch; answers zeros.
+struct NamedRunner {
+    name: &'static str,
+    order: Arc<Mutex<Vec<&'static str>>>,
+    delay: Duration,
+}
+
+impl BatchRunner for NamedRunner {
+    fn run(&mut self, _input: &[f32], rows: usize) -> Result<Vec<f32>, String> {
+        std::thread::sleep(self.delay);
+        self.order.lock().unwrap().push(self.name);
+        Ok(vec![0.0; rows * 2])
+    }
+}
+
+#[tokio::test]
+async fn busy_engines_behind_one_gate_take_turns_batch_by_batch() {
+    let (a, b, order) = two_engines(Duration::from_millis(20));
+    // Six batches queued on each engine at once: neither may run two batches in a row
+    // while the other has one waiting (a worker that has just run queues behind it).
+    let first = a.submit(rows_from(0.0, 24), 24, later(5000)).unwrap();
+    let second = b.submit(rows_from(0.0, 24), 24, later(5000)).unwrap();
+    assert!(first.await.unwrap().is_ok());
+    assert!(second.await.unwrap().is_ok());
+    let order = order.lock().unwrap().clone();
+    assert_eq!(order.len(), 12, "{order:?}");
+    let repeats = order.windows(2).filter(|w| w[0] == w[1]).count();
+    assert!(repeats <= 1, "batches did not alternate: {order:?}");
+}
+
+#[tokio::test]
+async fn a_job_is_late_behind_another_engines_queue_at_the_same_gate() {
+    // 4-row batches of 80 ms: 20 ms a row once measured, on both engines.
+    let (a, b, _) = two_engines(Duration::from_millis(80));
+    a.infer(rows_from(0.0, 4), 4, later(5000)).await.unwrap();
+    b.infer(rows_from(0.0, 4), 4, later(5000)).await.unwrap();
+    // Engine a holds 24 rows (six batches, about 480 ms). Engine b's queue is empty, but
+    // its 8 rows take two turns at the gate, each after one of a's batches: about
+    // 2 x (80 + 80) ms. A 250 ms deadline cannot be made; counting b's own queue
+    // alone (160 ms) would have said it could.
+    let ahead = a.submit(rows_from(10.0, 24), 24, later(5000)).unwrap();
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let late = b.submit(rows_from(50.0, 8), 8, later(250)).unwrap();
+    let in_time = b.submit(rows_from(60.0, 4), 4, later(3000)).unwrap();
+    assert!(matches!(late.await.unwrap(), Err(EngineError::Late { .. })));
+    assert!(in_time.await.unwrap().is_ok());
+    assert!(ahead.await.unwrap().is_ok());
+    assert_eq!(a.queued_rows() + b.queued_rows(), 0);
+}

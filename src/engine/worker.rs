@@ -163,20 +163,23 @@ fn take_queued(shared: &Shared, active: &mut VecDeque<Job>) {
 
 /// Drops jobs whose client has gone (nobody would read the answer), answers jobs whose
 /// deadline passed before their rows could run, and sheds jobs that have not started and
-/// cannot finish in time behind the rows ahead of them at the measured cost per row
-/// (`Late`: the caller answers 503, so a load balancer can try another replica, instead
-/// of a 504 after the whole deadline).
+/// cannot finish in time (`Late`: the caller answers 503, so a load balancer can try
+/// another replica, instead of a 504 after the whole deadline).
+///
+/// A job's rows wait behind the rows ahead of it in this queue and, since the engines
+/// alternate at the run gate, behind a batch of every other busy engine per batch of
+/// ours ([`super::RunGate::wait_for`]). Admission already refused what its estimate
+/// could not fit with room to spare; this catches what got slower since.
 fn retire_abandoned(shared: &Shared, active: &mut VecDeque<Job>) {
     let now = Instant::now();
-    let cost = shared.row_cost();
+    let gate = &shared.options.gate;
     let mut rows_ahead = 0usize;
     for job in std::mem::take(active) {
-        let finish = now + cost * (rows_ahead + job.remaining()) as u32;
         let (reason, error) = if job.reply.is_closed() {
             ("client_gone", EngineError::DeadlineExceeded)
         } else if now >= job.deadline {
             ("deadline", EngineError::DeadlineExceeded)
-        } else if job.next_row == 0 && finish > job.deadline {
+        } else if job.next_row == 0 && now + gate.wait_for(shared, rows_ahead, job.remaining()) > job.deadline {
             ("late", EngineError::Late { model: shared.options.name.clone() })
         } else {
             rows_ahead += job.remaining();
