@@ -52,6 +52,26 @@ fn a_burst_of_default_requests_gets_503_at_once_and_no_504() {
         outcomes
     });
 
+    // What the replica measured, printed before any assertion so a failure explains itself.
+    let metrics = runtime.block_on(async {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(60)).build().unwrap();
+        client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap()
+    });
+    for line in metrics.lines().filter(|l| {
+        ["pandaguard_row_cost_seconds", "pandaguard_rows_dropped_total", "pandaguard_admission_refused_total"]
+            .iter()
+            .any(|name| l.starts_with(name))
+    }) {
+        eprintln!("{line}");
+    }
+    let mut by_status = std::collections::BTreeMap::<u16, (usize, Duration)>::new();
+    for (status, _, _, took) in &outcomes {
+        let entry = by_status.entry(status.as_u16()).or_default();
+        entry.0 += 1;
+        entry.1 = entry.1.max(*took);
+    }
+    eprintln!("status -> (count, slowest): {by_status:?}");
+
     let (mut served, mut refused) = (Vec::new(), Vec::new());
     for (status, retry_after, text, took) in outcomes {
         match status {

@@ -20,6 +20,7 @@ use image::RgbImage;
 use tokio::sync::Semaphore;
 
 pub use admission::Admitted;
+use admission::{PrepLoad, Preparing};
 pub use error::PipelineError;
 pub use outcome::{Cost, Outcome};
 pub use seed::SeedKey;
@@ -44,6 +45,8 @@ pub struct Pipeline {
     decode_permits: Semaphore,
     /// Key of the content-derived seeds.
     seeds: SeedKey,
+    /// Admitted requests still decoding and making views (admission counts their work).
+    preparing: Arc<PrepLoad>,
 }
 
 /// A defense at work on a request, with what the pipeline needs to blame it for rows.
@@ -58,6 +61,7 @@ pub struct Prepared {
     runs: Vec<Running>,
     reservations: Vec<(Arc<LoadedModel>, Reservation)>,
     deadline: Instant,
+    preparing: Preparing,
     source: Arc<Source>,
     model_input: RgbImage,
     cost: Cost,
@@ -99,7 +103,15 @@ impl Pipeline {
             n => n,
         };
         let seeds = SeedKey::new(config.defense.seed_secret.as_ref());
-        Self { config, registry, defenses, limits, decode_permits: Semaphore::new(permits), seeds }
+        Self {
+            config,
+            registry,
+            defenses,
+            limits,
+            decode_permits: Semaphore::new(permits),
+            seeds,
+            preparing: Arc::default(),
+        }
     }
 
     pub fn registry(&self) -> &Arc<ModelRegistry> {
@@ -230,7 +242,7 @@ impl Pipeline {
         body: Bytes,
         params: &ClassifyParams,
     ) -> Result<Prepared, PipelineError> {
-        let Admitted { plan, reservations, deadline } = admitted;
+        let Admitted { plan, reservations, deadline, preparing } = admitted;
         let mut cost = Cost::default();
         let (image, decode_time) = self.decode(body).await?;
         cost.decode = decode_time;
@@ -246,7 +258,7 @@ impl Pipeline {
         let seed = params.seed.unwrap_or_else(|| self.seeds.seed_for(fitted.first.as_raw()));
         let model_input = std::mem::take(&mut fitted.first);
         let source = Arc::new(Source::new(image, fitted, seed));
-        Ok(Prepared { raw, runs, reservations, deadline, source, model_input, cost })
+        Ok(Prepared { raw, runs, reservations, deadline, preparing, source, model_input, cost })
     }
 
     /// The views, the rounds through the engines, and the combination.
@@ -256,7 +268,8 @@ impl Pipeline {
         params: &ClassifyParams,
         started: Instant,
     ) -> Result<Outcome, PipelineError> {
-        let Prepared { raw, mut runs, mut reservations, deadline, source, cost, .. } = prepared;
+        let Prepared { raw, mut runs, mut reservations, deadline, preparing, source, cost, .. } = prepared;
+        let mut preparing = Some(preparing);
         let mut cost = cost;
         let seed = source.seed;
 
@@ -289,6 +302,9 @@ impl Pipeline {
             .await?;
             runs = back;
             cost.views += views_time;
+            if let Some(preparing) = preparing.take() {
+                preparing.finished(cost.decode + cost.preprocess + cost.views);
+            }
             if raw_range.is_some() {
                 raw_row = raw_range;
             }
