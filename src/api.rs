@@ -139,3 +139,149 @@ pub struct HealthResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
+
+/// The answer of `GET /info`: what a client (the web page) needs to know before it
+/// sends anything: models, presets, limits.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoResponse {
+    pub default_model: String,
+    pub default_preset: String,
+    pub models: Vec<InfoModel>,
+    pub presets: Vec<InfoPreset>,
+    /// Defenses a request may list in `defense=` (e.g. `smooth,blur`).
+    pub defenses: Vec<String>,
+    pub limits: InfoLimits,
+    /// False when the server refuses a client `seed` (`defense.allow_client_seed`).
+    pub allow_client_seed: bool,
+    pub explore: InfoExplore,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoModel {
+    pub name: String,
+    pub input: InfoInput,
+    pub num_classes: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoInput {
+    pub width: u32,
+    pub height: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoPreset {
+    pub name: String,
+    pub defenses: Vec<String>,
+    /// Model rows the preset runs per image with the default model (first round: smoothing
+    /// may add rounds).
+    pub rows: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoLimits {
+    pub max_body_bytes: usize,
+    pub max_width: u32,
+    pub max_height: u32,
+    pub max_pixels: u64,
+    pub default_top_k: usize,
+    pub max_top_k: usize,
+    /// Content types `POST /classify` takes as a raw body (and `multipart/form-data`).
+    pub content_types: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct InfoExplore {
+    pub enabled: bool,
+    pub max_grid: usize,
+    pub default_grid: usize,
+    pub max_rows: usize,
+}
+
+/// The answer of `GET /samples`: labelled photos the server offers for trying it out.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SamplesResponse {
+    pub samples: Vec<Sample>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Sample {
+    /// File name, fetched from `GET /samples/{file}`.
+    pub file: String,
+    /// The photo's true class (ImageNet id) and its name in the default model's labels.
+    pub class_id: usize,
+    pub label: String,
+}
+
+/// The answer of `POST /explore`: a decision map.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExploreResponse {
+    pub request_id: String,
+    pub model: String,
+    pub preset: String,
+    /// Cells per side.
+    pub grid: usize,
+    /// Half the map's side along each axis in L2 units (the axes are unit L2 directions).
+    pub radius_l2: f32,
+    /// The same along x in L∞ units.
+    pub radius_linf: f32,
+    pub axes: ExploreAxes,
+    /// The adversarial example on the x axis (y = 0), or `null` when none was given or
+    /// found (then both axes are random).
+    pub adversarial: Option<ExplorePoint>,
+    /// The raw model's label of the image itself: the label whose probability the
+    /// `true_probability` grids hold.
+    pub true_class: ExploreClass,
+    /// Every label on either map.
+    pub classes: Vec<ExploreClass>,
+    pub raw: ExploreGrid,
+    pub defended: ExploreGrid,
+    /// Model rows run for the map.
+    pub rows: usize,
+    /// The seed every cell's defenses used.
+    pub seed: u64,
+    pub timing_ms: ExploreTiming,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExploreAxes {
+    pub x: ExploreAxis,
+    pub y: ExploreAxis,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExploreAxis {
+    /// `toward_adversarial`, `random` or `random_orthogonal`.
+    pub direction: String,
+    /// L∞ change of one L2 unit along this axis.
+    pub linf_per_unit: f32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExplorePoint {
+    pub x: f32,
+    pub y: f32,
+    /// `given` (sent as `toward`) or `attack` (found by a short Square Attack on the raw model).
+    pub source: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExploreClass {
+    pub class_id: usize,
+    pub label: String,
+}
+
+/// One classifier's labels over the grid, row by row from the bottom (y = -radius),
+/// each row from x = -radius to +radius.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExploreGrid {
+    /// Class ids; -1 where the classifier abstained.
+    pub labels: Vec<i64>,
+    /// Probability of `true_class` per cell (`null` when abstaining without scores).
+    pub true_probability: Vec<Option<f32>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ExploreTiming {
+    pub total: f64,
+}

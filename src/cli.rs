@@ -82,6 +82,45 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Draw a decision map: the labels of the raw model and of a defended preset on a
+    /// 2-D slice of input space around IMAGE, toward an adversarial example (given, or
+    /// found by a short Square Attack) and a random orthogonal direction.
+    Map(MapArgs),
+}
+
+#[derive(clap::Args)]
+struct MapArgs {
+    /// The photo at the centre of the map.
+    image: PathBuf,
+    /// An adversarial example of IMAGE (e.g. from `pandaguard attack`): the x axis
+    /// points at it. Default: a short Square Attack on the raw model finds one.
+    #[arg(long)]
+    toward: Option<PathBuf>,
+    /// Defense preset or comma list (as the API's `defense`).
+    #[arg(long, default_value = "fast")]
+    preset: String,
+    /// Raw model (default: models.default).
+    #[arg(long)]
+    model: Option<String>,
+    /// Half the map's side along x, in `--norm` units [default: 1.5x the adversarial
+    /// example's distance, or 10 in L2 / 0.06 in L∞ without one]
+    #[arg(long)]
+    radius: Option<f32>,
+    /// l2 or linf.
+    #[arg(long, default_value = "l2")]
+    norm: String,
+    /// Cells per side.
+    #[arg(long, default_value_t = 41)]
+    grid: usize,
+    /// Seed of every cell's defenses and of the random direction.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// The PNG to write.
+    #[arg(long)]
+    out: PathBuf,
+    /// Also write the map as JSON (the `POST /explore` answer).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -325,6 +364,13 @@ pub fn main() -> ExitCode {
             }
             runtime.block_on(classify(config, &pairs, &images))
         }
+        Command::Map(args) => match runtime.block_on(map(config, args)) {
+            Ok(summary) => {
+                eprintln!("{summary}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
         Command::Chart { reports, out } => match whitebox_chart_of(&reports, &out) {
             Ok(rows) => {
                 eprintln!("wrote {} ({rows} white-box rows)", out.display());
@@ -377,6 +423,77 @@ pub fn parse_fraction(text: &str) -> Result<f32, String> {
         None => text.trim().parse::<f32>().ok(),
     };
     value.filter(|v| v.is_finite() && *v > 0.0).ok_or_else(|| format!("{text:?} is not a positive number or fraction"))
+}
+
+/// `pandaguard map`: the decision map of one photo, in-process, written as PNG (and JSON).
+async fn map(config: Config, args: MapArgs) -> Result<String, String> {
+    use crate::explore::{MapRequest, decision_map, draw_map};
+
+    let norm = match args.norm.as_str() {
+        "l2" => Norm::L2,
+        "linf" => Norm::Linf,
+        other => return Err(format!("--norm {other:?}: use l2 or linf")),
+    };
+    let mut explore = config.explore.clone();
+    // The operator's own machine: the server's bounds on a map do not apply.
+    explore.max_grid = explore.max_grid.max(args.grid);
+    explore.max_rows = usize::MAX;
+    explore.timeout_ms = u64::MAX / 4;
+    explore.cell_concurrency = explore.cell_concurrency.max(32);
+    let config = Arc::new(config);
+    let registry = tokio::task::spawn_blocking({
+        let config = Arc::clone(&config);
+        move || ModelRegistry::load(&config)
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())?;
+    let pipeline = Arc::new(Pipeline::new(Arc::clone(&config), Arc::new(registry)));
+    let mut pairs = vec![("defense", args.preset.clone()), ("seed", args.seed.to_string())];
+    if let Some(model) = &args.model {
+        pairs.push(("model", model.clone()));
+    }
+    let params = pipeline.params(pairs.iter().map(|(k, v)| (*k, v.as_str()))).map_err(|e| e.to_string())?;
+    let raw = params.model.clone().unwrap_or_else(|| pipeline.registry().default_name().to_string());
+    let read = |path: &PathBuf| std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()));
+    let origin = pipeline.model_input(read(&args.image)?.into(), &raw).await.map_err(|e| e.to_string())?;
+    let toward = match &args.toward {
+        Some(path) => Some(pipeline.model_input(read(path)?.into(), &raw).await.map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let request = MapRequest { params, grid: args.grid, radius: args.radius, norm };
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} cells, {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message("map");
+    let map = decision_map(&pipeline, origin, toward, &request, &explore, Some(bar.clone()))
+        .await
+        .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let labels = pipeline.registry().get(&map.model).map(|m| m.labels.clone()).ok_or("the model vanished")?;
+    draw_map(&map, &labels, &args.out).map_err(|e| e.to_string())?;
+    if let Some(path) = &args.json {
+        let answer = crate::http::explore_response(&map, &labels, "cli".into());
+        let text = serde_json::to_string(&answer).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    let share = |side: &crate::explore::SideMap| {
+        side.labels.iter().filter(|l| **l == Some(map.true_class)).count() as f64 / side.labels.len().max(1) as f64
+    };
+    Ok(format!(
+        "wrote {}: {}x{} cells, radius {:.3} L2 ({:.4} L∞), the image's label on {:.0}% of the raw map and {:.0}% \
+         of the defended one, {} rows in {:.1} s",
+        args.out.display(),
+        map.grid,
+        map.grid,
+        map.radius_l2,
+        map.radius_linf,
+        100.0 * share(&map.raw),
+        100.0 * share(&map.defended),
+        map.rows,
+        map.elapsed.as_secs_f64()
+    ))
 }
 
 async fn classify(config: Config, pairs: &[(String, String)], images: &[PathBuf]) -> ExitCode {

@@ -32,6 +32,61 @@ pub struct Config {
     pub models: ModelsConfig,
     pub classify: ClassifyConfig,
     pub defense: DefenseConfig,
+    pub page: PageConfig,
+    pub explore: ExploreConfig,
+}
+
+/// The web page at `/` and the sample photos it offers.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PageConfig {
+    /// Serve the page at `/` (the API works without it).
+    pub enabled: bool,
+    /// A folder of labelled photos (`labels.csv`: file,class_id,label) offered by
+    /// `/samples`; missing or empty = no samples.
+    pub samples_dir: Option<PathBuf>,
+}
+
+impl Default for PageConfig {
+    fn default() -> Self {
+        Self { enabled: true, samples_dir: Some(PathBuf::from("testdata/imagenet")) }
+    }
+}
+
+/// Decision maps (`POST /explore`): a grid of images around one, each classified by the
+/// raw model and the defended pipeline. Costly, so off unless enabled, and bounded.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExploreConfig {
+    pub enabled: bool,
+    /// Cells per side, at most.
+    pub max_grid: usize,
+    pub default_grid: usize,
+    /// Model rows one map may run (cells x rows per cell, plus the attack's queries).
+    pub max_rows: usize,
+    /// Maps computed at once; one more is answered 503.
+    pub max_concurrent: usize,
+    /// Cells classified at once (each is admitted like a `/classify` request).
+    pub cell_concurrency: usize,
+    /// Queries of the short attack that finds an adversarial direction when none is given.
+    pub attack_queries: usize,
+    /// The whole map must finish within this.
+    pub timeout_ms: u64,
+}
+
+impl Default for ExploreConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            max_grid: 41,
+            default_grid: 21,
+            max_rows: 20_000,
+            max_concurrent: 1,
+            cell_concurrency: 8,
+            attack_queries: 300,
+            timeout_ms: 180_000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -372,6 +427,15 @@ impl Config {
         check(
             self.image.max_width >= 1 && self.image.max_height >= 1 && self.image.max_pixels >= 1,
             "image.max_width, max_height and max_pixels must be positive".into(),
+        );
+        let explore = &self.explore;
+        check(
+            explore.max_grid >= 3 && (3..=explore.max_grid).contains(&explore.default_grid),
+            "explore.max_grid must be at least 3 and explore.default_grid within 3..=max_grid".into(),
+        );
+        check(
+            explore.max_concurrent >= 1 && explore.cell_concurrency >= 1 && explore.timeout_ms > 0,
+            "explore.max_concurrent, cell_concurrency and timeout_ms must be positive".into(),
         );
         check(!self.models.load.is_empty(), "models.load must name at least one model".into());
         check(

@@ -17,9 +17,9 @@
 //! Beside the request path: [`attack`] (Square, NES, EOT against an oracle; PGD and
 //! APGD on a differentiable copy of a preset, with gradients of the served ONNX files
 //! from models/gradients) and [`redteam`] (oracles, white-box runs, the `attack` and
-//! `evaluate` commands, charts) — used by the CLI,
-//! never by the server; [`config`], [`runtime`] (finding ONNX Runtime), [`telemetry`],
-//! [`cli`].
+//! `evaluate` commands, charts) — used by the CLI, never by the server; [`explore`]
+//! (decision maps: `POST /explore` and `pandaguard map`); [`config`], [`runtime`]
+//! (finding ONNX Runtime), [`telemetry`], [`cli`].
 
 pub mod api;
 pub mod attack;
@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod defense;
 pub mod engine;
+pub mod explore;
 pub mod http;
 pub mod imaging;
 pub mod model;

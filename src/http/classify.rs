@@ -16,7 +16,7 @@ use crate::params::{ClassifyParams, ClassifyQuery, ParamError, ParamProblem};
 /// Media types taken as a raw image body. The bytes decide the format; the type only
 /// has to be plausible. `application/x-www-form-urlencoded` is what
 /// `curl --data-binary @photo.jpg` sends when no type is given, so it is accepted too.
-const RAW_IMAGE_TYPES: &[&str] = &[
+pub(super) const RAW_IMAGE_TYPES: &[&str] = &[
     "image/jpeg",
     "image/jpg",
     "image/pjpeg",
@@ -115,7 +115,7 @@ fn media_type(headers: &HeaderMap) -> Result<String, ApiError> {
 }
 
 /// How the image travels in the body, from the request's head.
-enum BodyKind {
+pub(super) enum BodyKind {
     /// The image bytes themselves, with the declared length when there is one.
     Raw {
         declared: Option<u64>,
@@ -124,7 +124,7 @@ enum BodyKind {
 }
 
 /// Refuses a declared oversize body and an unsupported type before reading a byte.
-fn body_kind(headers: &HeaderMap, max_body: usize) -> Result<BodyKind, ApiError> {
+pub(super) fn body_kind(headers: &HeaderMap, max_body: usize) -> Result<BodyKind, ApiError> {
     let media_type = media_type(headers)?;
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
@@ -147,7 +147,7 @@ async fn read_image(request: Request, kind: BodyKind, state: &AppState, max_body
     }
 }
 
-async fn read_raw(request: Request, max_body: usize, declared: Option<u64>) -> Result<Bytes, ApiError> {
+pub(super) async fn read_raw(request: Request, max_body: usize, declared: Option<u64>) -> Result<Bytes, ApiError> {
     let mut body = request.into_body();
     // Trust the declared length only as a capacity hint, and never beyond the limit.
     let mut buffer = BytesMut::with_capacity(declared.map_or(64 * 1024, |n| n as usize).min(max_body));
@@ -164,6 +164,24 @@ async fn read_raw(request: Request, max_body: usize, declared: Option<u64>) -> R
 }
 
 async fn read_multipart(request: Request, state: &AppState, max_body: usize) -> Result<Bytes, ApiError> {
+    read_multipart_fields(request, state, max_body, &["image"], true)
+        .await?
+        .into_iter()
+        .next()
+        .flatten()
+        .ok_or_else(|| ApiError::BadRequest("the multipart body has no field named `image`".into()))
+}
+
+/// The fields `names` of a multipart body (each at most once), in that order; with
+/// `stop_when_found`, reading ends as soon as all are in.
+pub(super) async fn read_multipart_fields(
+    request: Request,
+    state: &AppState,
+    max_body: usize,
+    names: &[&str],
+    stop_when_found: bool,
+) -> Result<Vec<Option<Bytes>>, ApiError> {
+    let mut found: Vec<Option<Bytes>> = vec![None; names.len()];
     let mut multipart = Multipart::from_request(request, state)
         .await
         .map_err(|e| ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text())))?;
@@ -175,9 +193,14 @@ async fn read_multipart(request: Request, state: &AppState, max_body: usize) -> 
         }
     };
     while let Some(field) = multipart.next_field().await.map_err(multipart_error)? {
-        if field.name() == Some("image") {
-            return field.bytes().await.map_err(multipart_error);
+        let Some(index) = names.iter().position(|name| field.name() == Some(name)) else { continue };
+        if found[index].is_some() {
+            return Err(ApiError::BadRequest(format!("the multipart body has more than one `{}` field", names[index])));
+        }
+        found[index] = Some(field.bytes().await.map_err(multipart_error)?);
+        if stop_when_found && found.iter().all(Option::is_some) {
+            break;
         }
     }
-    Err(ApiError::BadRequest("the multipart body has no field named `image`".into()))
+    Ok(found)
 }

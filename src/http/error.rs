@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 
 use crate::api::{ErrorDetail, ErrorResponse};
 use crate::engine::EngineError;
+use crate::explore::ExploreError;
 use crate::imaging::DecodeError;
 use crate::params::ParamError;
 use crate::pipeline::PipelineError;
@@ -125,6 +126,18 @@ impl From<PipelineError> for ApiError {
             PipelineError::ShuttingDown => ApiError::NotReady(error.to_string()),
             PipelineError::Engine { source, .. } => source.into(),
             PipelineError::Defense(_) | PipelineError::Worker(_) => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<ExploreError> for ApiError {
+    fn from(error: ExploreError) -> Self {
+        match error {
+            ExploreError::Invalid(message) => ApiError::BadRequest(message),
+            ExploreError::Param { name, message } => ApiError::InvalidParameter { name: name.to_string(), message },
+            ExploreError::Pipeline(e) => e.into(),
+            ExploreError::Timeout { ms } => ApiError::DeadlineExceeded { deadline_ms: ms },
+            ExploreError::Failed(message) => ApiError::Internal(message),
         }
     }
 }

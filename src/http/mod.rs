@@ -10,11 +10,13 @@ pub mod answer;
 mod auth;
 mod classify;
 pub mod error;
+mod explore;
 mod health;
 mod linger;
 mod models;
 mod observe;
 mod openapi;
+mod page;
 mod server;
 mod state;
 
@@ -26,6 +28,7 @@ use axum::routing::{get, post};
 use tower_http::catch_panic::CatchPanicLayer;
 
 pub use error::ApiError;
+pub use explore::explore_response;
 pub use openapi::ApiDoc;
 pub use server::{ServeError, serve, serve_on, shutdown_signal};
 pub use state::AppState;
@@ -43,10 +46,15 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(observe::metrics))
         // Probes and scrapes would drown the access log.
         .route_layer(middleware::map_response(observe::quiet));
-    let public = Router::new().merge(probes).merge(openapi::routes());
+    // The page itself is public (it holds nothing secret); what it calls is not.
+    let public = Router::new().merge(probes).merge(openapi::routes()).route("/", get(page::index));
     let protected = Router::new()
         .route("/classify", post(classify::classify))
+        .route("/explore", post(explore::explore))
         .route("/models", get(models::list))
+        .route("/info", get(page::info))
+        .route("/samples", get(page::samples))
+        .route("/samples/{file}", get(page::sample_file))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key));
     Router::new()
         .merge(public)

@@ -8,8 +8,10 @@ use utoipa_swagger_ui::SwaggerUi;
 
 use super::AppState;
 use crate::api::{
-    ClassScore, ClassifyResponse, DefendedPrediction, DefenseReport, ErrorDetail, ErrorResponse, HealthResponse,
-    ModelInfo, ModelsResponse, Prediction, Timing,
+    ClassScore, ClassifyResponse, DefendedPrediction, DefenseReport, ErrorDetail, ErrorResponse, ExploreAxes,
+    ExploreAxis, ExploreClass, ExploreGrid, ExplorePoint, ExploreResponse, ExploreTiming, HealthResponse, InfoExplore,
+    InfoInput, InfoLimits, InfoModel, InfoPreset, InfoResponse, ModelInfo, ModelsResponse, Prediction, Sample,
+    SamplesResponse, Timing,
 };
 use crate::defense::Defenses;
 
@@ -17,13 +19,16 @@ use crate::defense::Defenses;
 #[openapi(
     info(title = "pandaguard", description = "Image classification with the raw prediction and one defended against adversarial examples"),
     paths(
-        super::classify::classify, super::models::list, super::health::live, super::health::ready,
+        super::classify::classify, super::explore::explore, super::models::list, super::page::info,
+        super::page::samples, super::health::live, super::health::ready,
         super::health::v2_live, super::health::v2_ready, super::observe::metrics,
     ),
     modifiers(&BearerKeys, &DefenseDetailSchemas),
     components(schemas(
         ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo,
-        HealthResponse, DefendedPrediction, DefenseReport,
+        HealthResponse, DefendedPrediction, DefenseReport, InfoResponse, InfoModel, InfoInput, InfoPreset, InfoLimits,
+        InfoExplore, SamplesResponse, Sample, ExploreResponse, ExploreAxes, ExploreAxis, ExplorePoint, ExploreClass,
+        ExploreGrid, ExploreTiming,
     )),
     tags(
         (name = "classify", description = "Predictions"),

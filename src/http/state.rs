@@ -24,6 +24,8 @@ struct Inner {
     draining: AtomicBool,
     metrics: PrometheusHandle,
     api_keys: ApiKeys,
+    /// Decision maps computed at once (`explore.max_concurrent`).
+    explore_permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -43,7 +45,16 @@ impl AppState {
         }
         let draining = AtomicBool::new(false);
         let defenses = Defenses::standard();
-        Self(Arc::new(Inner { config, defenses, pipeline: OnceLock::new(), draining, metrics, api_keys }))
+        let explore_permits = Arc::new(tokio::sync::Semaphore::new(config.explore.max_concurrent));
+        Self(Arc::new(Inner {
+            config,
+            defenses,
+            pipeline: OnceLock::new(),
+            draining,
+            metrics,
+            api_keys,
+            explore_permits,
+        }))
     }
 
     pub fn api_keys(&self) -> &ApiKeys {
@@ -56,6 +67,10 @@ impl AppState {
 
     pub fn defenses(&self) -> &Defenses {
         &self.0.defenses
+    }
+
+    pub fn explore_permits(&self) -> &Arc<tokio::sync::Semaphore> {
+        &self.0.explore_permits
     }
 
     pub fn metrics(&self) -> &PrometheusHandle {

@@ -32,7 +32,7 @@ use crate::defense::{
     squeeze_score,
 };
 use crate::engine::{EngineError, Reservation};
-use crate::imaging::{DecodeLimits, decode};
+use crate::imaging::{DecodeLimits, decode, fit_to_input};
 use crate::model::{LoadedModel, ModelRegistry};
 use crate::params::{ClassifyParams, ParamError, ParamProblem};
 
@@ -190,6 +190,20 @@ impl Pipeline {
         Ok(plan)
     }
 
+    /// Decodes `body` under the image limits and fits it to `model`'s input: the image
+    /// that model sees (the decision maps' origin).
+    pub async fn model_input(&self, body: Bytes, model: &str) -> Result<RgbImage, PipelineError> {
+        let model = self.model(model, "model")?;
+        let (image, _) = self.decode(body).await?;
+        blocking(move || Ok(fit_to_input(&image, &model.card.input).map_err(DefenseError::from)?)).await
+    }
+
+    /// Rows the first round of a request with these parameters runs, over all models
+    /// (a request's whole cost unless smoothing asks for more in later rounds).
+    pub fn first_round_rows(&self, params: &ClassifyParams) -> Result<usize, PipelineError> {
+        Ok(self.plan(params)?.first_round.iter().map(|(_, rows)| rows).sum())
+    }
+
     /// A round may not submit more rows to a model than a request may take; the error
     /// names the parameter of the defense that asked for the most of them.
     fn check_rows(&self, model: &Arc<LoadedModel>, rows: usize, runs: &[Running]) -> Result<(), PipelineError> {
@@ -242,10 +256,32 @@ impl Pipeline {
         body: Bytes,
         params: &ClassifyParams,
     ) -> Result<Prepared, PipelineError> {
-        let Admitted { plan, reservations, deadline, preparing } = admitted;
-        let mut cost = Cost::default();
         let (image, decode_time) = self.decode(body).await?;
-        cost.decode = decode_time;
+        self.prepare_image(admitted, image, decode_time, params).await
+    }
+
+    /// Classifies an image that is already decoded (the decision maps' cells): admits,
+    /// fits, runs, like [`Pipeline::classify`] without the bytes.
+    pub async fn classify_image(
+        &self,
+        image: RgbImage,
+        params: &ClassifyParams,
+        started: Instant,
+    ) -> Result<Outcome, PipelineError> {
+        let admitted = self.admit(params, started + self.request_timeout())?;
+        let prepared = self.prepare_image(admitted, image, Duration::ZERO, params).await?;
+        self.finish(prepared, params, started).await
+    }
+
+    async fn prepare_image(
+        &self,
+        admitted: Admitted,
+        image: RgbImage,
+        decode_time: Duration,
+        params: &ClassifyParams,
+    ) -> Result<Prepared, PipelineError> {
+        let Admitted { plan, reservations, deadline, preparing } = admitted;
+        let mut cost = Cost { decode: decode_time, ..Cost::default() };
         let Plan { raw, runs, models, .. } = plan;
         let fitted = blocking(move || {
             let started = Instant::now();

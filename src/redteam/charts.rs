@@ -92,8 +92,8 @@ const SERIES_COLOURS: [RGBColor; 10] = [
     RGBColor(23, 190, 207),
 ];
 
-const TEXT_COLOUR: RGBColor = RGBColor(30, 30, 30);
-const MUTED_TEXT_COLOUR: RGBColor = RGBColor(120, 120, 120);
+pub(crate) const TEXT_COLOUR: RGBColor = RGBColor(30, 30, 30);
+pub(crate) const MUTED_TEXT_COLOUR: RGBColor = RGBColor(120, 120, 120);
 const GRID_COLOUR: RGBColor = RGBColor(215, 215, 215);
 
 const TITLE_FONT_SIZE: f64 = 24.0;
@@ -113,7 +113,7 @@ fn series_colour(index: usize) -> RGBColor {
     SERIES_COLOURS[index % SERIES_COLOURS.len()]
 }
 
-fn text_style(size: f64, colour: RGBColor) -> TextStyle<'static> {
+pub(crate) fn text_style(size: f64, colour: RGBColor) -> TextStyle<'static> {
     (FONT_FAMILY, size).into_font().color(&colour)
 }
 
@@ -187,15 +187,15 @@ fn find_font(from_env: Option<&Path>, roots: &[PathBuf], system: &[&Path]) -> Re
     )))
 }
 
-fn drawing_error(error: impl std::fmt::Display) -> ChartError {
+pub(crate) fn drawing_error(error: impl std::fmt::Display) -> ChartError {
     ChartError::Drawing(error.to_string())
 }
 
-type Area<'a> = DrawingArea<BitMapBackend<'a, RGBPixel>, Shift>;
+pub(crate) type Area<'a> = DrawingArea<BitMapBackend<'a, RGBPixel>, Shift>;
 
 /// Draws onto `pixels` (RGB, `size.0 × size.1`, already holding any background) with
 /// `draw`, then writes the result to `path` as PNG.
-fn render_png(
+pub(crate) fn render_png(
     path: &Path,
     size: (u32, u32),
     mut pixels: Vec<u8>,
@@ -215,7 +215,7 @@ fn render_png(
         .map_err(|e| ChartError::Write { path: path.to_path_buf(), message: e.to_string() })
 }
 
-fn white_pixels((width, height): (u32, u32)) -> Vec<u8> {
+pub(crate) fn white_pixels((width, height): (u32, u32)) -> Vec<u8> {
     vec![255; width as usize * height as usize * 3]
 }
 
@@ -226,7 +226,7 @@ fn text_width(style: &TextStyle, text: &str) -> Result<u32, ChartError> {
 
 /// `text`, shortened with "…" until it fits `max_width` pixels, so that a long preset
 /// name cannot run into its neighbour.
-fn fit_text(style: &TextStyle, text: &str, max_width: u32) -> Result<String, ChartError> {
+pub(crate) fn fit_text(style: &TextStyle, text: &str, max_width: u32) -> Result<String, ChartError> {
     if text_width(style, text)? <= max_width {
         return Ok(text.to_string());
     }
@@ -266,7 +266,7 @@ fn wrap_text(style: &TextStyle, text: &str, max_width: u32) -> Result<Vec<String
 /// Draws the title centred in a band at the top of `root` and returns the area below.
 /// (plotters' `titled` leaves only 5 px above the text, and ab_glyph draws ascenders a
 /// little above the anchor, which would clip capitals at the top edge.)
-fn draw_title<'a>(root: &Area<'a>, title: &str) -> Result<Area<'a>, ChartError> {
+pub(crate) fn draw_title<'a>(root: &Area<'a>, title: &str) -> Result<Area<'a>, ChartError> {
     let (width, _) = root.dim_in_pixel();
     let style = text_style(TITLE_FONT_SIZE, TEXT_COLOUR).pos(Pos::new(HPos::Center, VPos::Center));
     let title = fit_text(&style, title, width.saturating_sub(40))?;
