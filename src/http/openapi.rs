@@ -9,7 +9,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use super::AppState;
 use crate::api::{
     ClassScore, ClassifyResponse, DefendedPrediction, DefenseReport, ErrorDetail, ErrorResponse, HealthResponse,
-    ModelInfo, ModelsResponse, Prediction, Timing,
+    ModelInfo, ModelsResponse, Prediction, QueryAttackReport, Timing,
 };
 use crate::defense::Defenses;
 
@@ -23,7 +23,7 @@ use crate::defense::Defenses;
     modifiers(&BearerKeys, &DefenseDetailSchemas),
     components(schemas(
         ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo,
-        HealthResponse, DefendedPrediction, DefenseReport,
+        HealthResponse, DefendedPrediction, DefenseReport, QueryAttackReport,
     )),
     tags(
         (name = "classify", description = "Predictions"),

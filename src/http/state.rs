@@ -8,8 +8,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::ApiError;
 use super::auth::ApiKeys;
-use crate::config::Config;
+use crate::config::{Config, Network};
 use crate::defense::Defenses;
+use crate::detect::Detector;
 use crate::pipeline::Pipeline;
 
 #[derive(Clone)]
@@ -24,6 +25,10 @@ struct Inner {
     draining: AtomicBool,
     metrics: PrometheusHandle,
     api_keys: ApiKeys,
+    /// Query-attack detection; `None` when `attack_detection.action = "off"`.
+    detector: Option<Arc<Detector>>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    trusted_proxies: Vec<Network>,
 }
 
 impl AppState {
@@ -43,7 +48,26 @@ impl AppState {
         }
         let draining = AtomicBool::new(false);
         let defenses = Defenses::standard();
-        Self(Arc::new(Inner { config, defenses, pipeline: OnceLock::new(), draining, metrics, api_keys }))
+        let detector = Detector::from_config(&config.attack_detection);
+        let trusted_proxies = config.attack_detection.trusted_networks();
+        Self(Arc::new(Inner {
+            config,
+            defenses,
+            pipeline: OnceLock::new(),
+            draining,
+            metrics,
+            api_keys,
+            detector,
+            trusted_proxies,
+        }))
+    }
+
+    pub fn detector(&self) -> Option<&Arc<Detector>> {
+        self.0.detector.as_ref()
+    }
+
+    pub fn trusted_proxies(&self) -> &[Network] {
+        &self.0.trusted_proxies
     }
 
     pub fn api_keys(&self) -> &ApiKeys {
