@@ -79,6 +79,13 @@ impl RedisServer {
         stream.write_all(b"PING\r\n").is_ok() && stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
     }
 
+    /// Sends `signal` (STOP: a Redis that no longer answers; CONT: back).
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().map(Child::id).expect("redis-server running");
+        let status = Command::new("kill").args(["-s", signal, &pid.to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -s {signal} {pid}");
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -266,19 +273,42 @@ fn replicas_sharing_redis_see_one_client_and_survive_its_loss() {
     println!("query attack over two replicas detected at query {detected_at}");
     assert_eq!(metric(replicas[0].addr(), "pandaguard_detection_store_fallback_total"), 0.0);
 
-    // (e) Redis dies: every request is still answered, from each replica's memory.
-    redis.kill();
-    for query in 0..6 {
-        let replica = &replicas[query % 2];
+    // (e) Redis stops answering (SIGSTOP): each request waits at most redis_timeout_ms
+    // for it, then this replica's memory answers.
+    redis.signal("STOP");
+    for (query, replica) in replicas.iter().enumerate() {
         let started = Instant::now();
         let answer = classify(replica.addr(), "198.51.100.8", &png(&photo(query)));
-        assert_eq!(answer.status, 200, "without Redis: {}", answer.body);
+        assert_eq!(answer.status, 200, "with Redis stopped: {}", answer.body);
         assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
-    }
-    for replica in &replicas {
         let fallbacks = metric(replica.addr(), "pandaguard_detection_store_fallback_total");
         assert!(fallbacks >= 1.0, "{}: fallback counter {fallbacks}", replica.name);
         assert!(replica.stderr().contains("Redis is unavailable"), "{}: no warning logged", replica.name);
+    }
+    // Redis answers again: a second later the replicas share windows again.
+    redis.signal("CONT");
+    std::thread::sleep(Duration::from_millis(1500));
+    let target = photo(12);
+    for query in 1..=4 {
+        let replica = &replicas[(query - 1) % 2];
+        let answer = classify(replica.addr(), "198.51.100.9", &png(&nudged(&target, &mut rng)));
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let window = answer.body["query_attack"]["window"].as_u64();
+        assert_eq!(window, Some(query as u64 - 1), "after Redis came back, query {query} on {}", replica.name);
+    }
+
+    // Redis dies: every request is still answered, from each replica's memory.
+    let before: Vec<f64> =
+        replicas.iter().map(|r| metric(r.addr(), "pandaguard_detection_store_fallback_total")).collect();
+    redis.kill();
+    for query in 0..4 {
+        let replica = &replicas[query % 2];
+        let answer = classify(replica.addr(), "198.51.100.10", &png(&photo(query + 2)));
+        assert_eq!(answer.status, 200, "without Redis: {}", answer.body);
+    }
+    for (replica, before) in replicas.iter().zip(before) {
+        let fallbacks = metric(replica.addr(), "pandaguard_detection_store_fallback_total");
+        assert!(fallbacks > before, "{}: fallback counter {before} -> {fallbacks}", replica.name);
     }
 }
 
