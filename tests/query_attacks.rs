@@ -341,4 +341,10 @@ fn degrade_answers_labels_without_scores() {
         }
     }
     assert!(body.get("squeeze_score").is_none(), "{body}");
+
+    // The OpenAPI document lists the refusal and the report.
+    let (_, text) = common::get(server.addr(), "/openapi.json").expect("openapi.json");
+    let spec: Value = serde_json::from_str(&text).expect("OpenAPI JSON");
+    assert!(spec["paths"]["/classify"]["post"]["responses"].get("429").is_some(), "no 429 for /classify");
+    assert!(spec["components"]["schemas"].get("QueryAttackReport").is_some(), "no QueryAttackReport schema");
 }
