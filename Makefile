@@ -16,7 +16,7 @@ PEER_VENV := benches/python_peer/.venv
 PEER_STAMP := $(PEER_VENV)/.installed
 CARGO ?= cargo
 
-.PHONY: setup models nginx build run test bench lint fmt clean
+.PHONY: setup models nginx redis build run test bench lint fmt clean
 
 setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES)
 
@@ -45,6 +45,15 @@ nginx:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nginx; }
 
+# redis-server for tests/query_attacks.rs (replicas sharing one Redis for query-attack
+# detection), from Debian's packages when missing; through sudo only when not root. The
+# test runs its own redis-server on a free port in a temporary folder; no system
+# service is configured or started.
+redis:
+	@command -v redis-server >/dev/null || test -x /usr/bin/redis-server || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
+
 $(SAMPLES): scripts/fetch_samples.py $(VENV_STAMP)
 	$(VENV_PY) scripts/fetch_samples.py --out testdata/imagenet
 
@@ -56,7 +65,7 @@ run: setup build
 
 # The white-box red team's gradients first (parity with ONNX Runtime, finite-difference
 # checks: models/gradients/README.md), then every Rust test.
-test: setup nginx
+test: setup nginx redis
 	$(VENV_PY) -m unittest models/gradients/test_gradients.py
 	$(CARGO) test --release --locked
 
@@ -71,6 +80,7 @@ $(PEER_STAMP): benches/python_peer/requirements.txt
 # (BENCH_QUICK=1: few requests; BENCH_CONTENTION=1 or both: a busy core beside it).
 bench: setup build $(PEER_STAMP)
 	$(CARGO) bench --locked --bench throughput
+	$(CARGO) bench --locked --bench fingerprint
 	$(CARGO) bench --locked --bench http_load
 
 lint:

@@ -36,6 +36,24 @@ pub struct ClassifyResponse {
     pub rows: usize,
     /// Where the time went, in milliseconds.
     pub timing_ms: Timing,
+    /// Query-attack detection's verdict on this request; present only when
+    /// `attack_detection.action = "flag"`. (Under `degrade`, a detected query's answer
+    /// leaves out every score: `confidence` and `probability` everywhere,
+    /// `defenses[].details` and `squeeze_score`; labels and class ids stay.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query_attack: Option<QueryAttackReport>,
+}
+
+/// How this query compares with the same client's recent ones.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct QueryAttackReport {
+    /// At least `attack_detection.match_threshold` of the query's fingerprint hashes
+    /// were in the client's window: the pattern of a black-box query attack.
+    pub detected: bool,
+    /// Fingerprint hashes of this query already seen in the client's window.
+    pub matches: usize,
+    /// Earlier queries of the client it was compared with.
+    pub window: usize,
 }
 
 /// The combined answer of the defenses.

@@ -7,14 +7,16 @@
 //! `http`, the pipeline, the engine (the defenses' presets and limits are checked
 //! through their own `defense::settings` types).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
 
 use crate::defense::{DefenseConfig, Defenses};
+use crate::detect::{Action, FingerprintParams, StoreLimits};
 
 /// Environment variables with the `PANDAGUARD_` prefix that are not configuration keys.
 const NON_CONFIG_ENV: &[&str] = &["config", "log", "api_keys_file"];
@@ -34,6 +36,7 @@ pub struct Config {
     pub defense: DefenseConfig,
     pub page: PageConfig,
     pub explore: ExploreConfig,
+    pub attack_detection: AttackDetectionConfig,
 }
 
 /// The web page at `/` and the sample photos it offers.
@@ -336,6 +339,195 @@ impl Default for ClassifyConfig {
     }
 }
 
+/// Stateful detection of black-box query attacks (`src/detect/`, README "Stopping
+/// query attacks").
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AttackDetectionConfig {
+    /// `off`, `flag` (report in the answer), `refuse` (429 and a cooldown) or
+    /// `degrade` (labels without scores).
+    pub action: Action,
+    /// `memory` (this replica) or `redis://host:port[/db]` (shared by replicas).
+    pub store: String,
+    /// How long a client's queries are remembered.
+    pub window_seconds: u64,
+    /// A client's queries remembered at most (the oldest go first).
+    pub max_queries_per_client: usize,
+    /// Clients remembered at most by the memory store (the least recently seen go first).
+    pub max_clients: usize,
+    /// Hashes per fingerprint (Blacklight's N).
+    pub hashes: usize,
+    /// A query is an attack when this many of its hashes were in the client's window.
+    pub match_threshold: usize,
+    /// Width of a pixel quantisation bucket, in 8-bit levels.
+    pub quantization: u8,
+    /// Quantised values per hashed window, and the step between windows.
+    pub window_size: usize,
+    pub window_stride: usize,
+    /// A window is hashed only when this many of its values differ from the same
+    /// channel one pixel earlier: uniformly coloured regions, common to unrelated
+    /// photos, are left out.
+    pub window_min_changes: usize,
+    /// Under `refuse`: how long a detected client is refused.
+    pub cooldown_seconds: u64,
+    /// Longest wait for Redis (connect, send, answer) before the local store answers.
+    pub redis_timeout_ms: u64,
+    /// Proxies (addresses or CIDR networks) whose `X-Forwarded-For` is believed.
+    pub trusted_proxies: Vec<String>,
+    /// Key of the fingerprints and client digests; the same on every replica. Unset: a
+    /// random key per process. Set it through `PANDAGUARD_ATTACK_DETECTION__SECRET`.
+    pub secret: Option<DetectionSecret>,
+}
+
+impl Default for AttackDetectionConfig {
+    fn default() -> Self {
+        Self {
+            action: Action::Off,
+            store: "memory".into(),
+            window_seconds: 1800,
+            max_queries_per_client: 100,
+            max_clients: 1000,
+            hashes: 50,
+            match_threshold: 20,
+            quantization: 50,
+            window_size: 20,
+            window_stride: 1,
+            window_min_changes: 9,
+            cooldown_seconds: 60,
+            redis_timeout_ms: 25,
+            trusted_proxies: Vec::new(),
+            secret: None,
+        }
+    }
+}
+
+impl AttackDetectionConfig {
+    pub fn fingerprint_params(&self) -> FingerprintParams {
+        FingerprintParams {
+            quantization: self.quantization,
+            window: self.window_size,
+            stride: self.window_stride,
+            hashes: self.hashes,
+            min_changes: self.window_min_changes,
+        }
+    }
+
+    pub fn store_limits(&self) -> StoreLimits {
+        StoreLimits {
+            window: Duration::from_secs(self.window_seconds),
+            max_queries_per_client: self.max_queries_per_client,
+            max_clients: self.max_clients,
+        }
+    }
+
+    /// The trusted proxies as networks (`validate` has checked they parse).
+    pub fn trusted_networks(&self) -> Vec<Network> {
+        self.trusted_proxies.iter().filter_map(|p| Network::parse(p)).collect()
+    }
+
+    fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        let mut check = |ok: bool, message: String| {
+            if !ok {
+                problems.push(message);
+            }
+        };
+        // Parsing the URL does not connect: a Redis that is down at start-up is a
+        // fallback at run time, not a configuration error.
+        check(
+            self.store == "memory"
+                || (self.store.starts_with("redis://") && redis::Client::open(self.store.as_str()).is_ok()),
+            format!("attack_detection.store = {:?} must be \"memory\" or a redis:// URL", self.store),
+        );
+        check(self.window_seconds >= 1, "attack_detection.window_seconds must be at least 1".into());
+        check(self.max_queries_per_client >= 1, "attack_detection.max_queries_per_client must be at least 1".into());
+        check(self.max_clients >= 1, "attack_detection.max_clients must be at least 1".into());
+        check((1..=1024).contains(&self.hashes), "attack_detection.hashes must be between 1 and 1024".into());
+        check(
+            (1..=self.hashes).contains(&self.match_threshold),
+            "attack_detection.match_threshold must be between 1 and attack_detection.hashes".into(),
+        );
+        check(self.quantization >= 1, "attack_detection.quantization must be at least 1".into());
+        check(self.window_size >= 1, "attack_detection.window_size must be at least 1".into());
+        check(self.window_stride >= 1, "attack_detection.window_stride must be at least 1".into());
+        check(
+            self.window_min_changes <= self.window_size,
+            "attack_detection.window_min_changes must be at most attack_detection.window_size".into(),
+        );
+        check(self.redis_timeout_ms >= 1, "attack_detection.redis_timeout_ms must be at least 1".into());
+        for proxy in &self.trusted_proxies {
+            check(
+                Network::parse(proxy).is_some(),
+                format!("attack_detection.trusted_proxies: {proxy:?} is not an address or a CIDR network"),
+            );
+        }
+        check(
+            self.secret.as_ref().is_none_or(|s| s.expose().len() >= 16),
+            "attack_detection.secret must be at least 16 characters (or unset)".into(),
+        );
+        problems
+    }
+}
+
+/// The key of attack detection's fingerprints; redacted in `Debug`.
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DetectionSecret(String);
+
+impl DetectionSecret {
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DetectionSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DetectionSecret(<redacted>)")
+    }
+}
+
+/// An address or a CIDR network (`10.0.0.0/8`, `::1`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Network {
+    address: IpAddr,
+    prefix: u8,
+}
+
+impl Network {
+    pub fn parse(text: &str) -> Option<Network> {
+        let (address, prefix) = match text.trim().split_once('/') {
+            Some((address, prefix)) => (address.parse::<IpAddr>().ok()?, Some(prefix.parse::<u8>().ok()?)),
+            None => (text.trim().parse::<IpAddr>().ok()?, None),
+        };
+        let bits = if address.is_ipv4() { 32 } else { 128 };
+        let prefix = prefix.unwrap_or(bits);
+        (prefix <= bits).then_some(Network { address, prefix })
+    }
+
+    pub fn contains(&self, address: IpAddr) -> bool {
+        // An IPv4 peer may arrive as an IPv4-mapped IPv6 address on a dual-stack socket.
+        let address = match address {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(address, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.address, address) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("configuration file {0} does not exist")]
@@ -447,6 +639,7 @@ impl Config {
             "classify.default_top_k must be between 1 and classify.max_top_k".into(),
         );
         problems.extend(self.defense.problems(&self.models.load, &Defenses::standard()));
+        problems.extend(self.attack_detection.problems());
         if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
     }
 
@@ -543,6 +736,42 @@ mod tests {
         config.server.api_keys = vec![ApiKey::new("has a space")];
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("server.api_keys[0]") && !err.contains("has a space"), "{err}");
+    }
+
+    #[test]
+    fn attack_detection_is_set_from_the_environment_and_checked() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("PANDAGUARD_ATTACK_DETECTION__ACTION", "refuse");
+            jail.set_env("PANDAGUARD_ATTACK_DETECTION__STORE", "redis://127.0.0.1:6379");
+            jail.set_env("PANDAGUARD_ATTACK_DETECTION__TRUSTED_PROXIES", "[\"10.0.0.0/8\", \"::1\"]");
+            let config = Config::load(None, &CliOverrides::default()).map_err(|e| e.to_string())?;
+            let detection = &config.attack_detection;
+            assert_eq!((detection.action, detection.store.as_str()), (Action::Refuse, "redis://127.0.0.1:6379"));
+            assert_eq!(detection.trusted_networks().len(), 2);
+            jail.set_env("PANDAGUARD_ATTACK_DETECTION__ACTION", "block");
+            assert!(Config::load(None, &CliOverrides::default()).is_err(), "unknown action");
+            Ok(())
+        });
+        let mut config = Config::default();
+        config.attack_detection.store = "postgres://x".into();
+        config.attack_detection.match_threshold = 51;
+        config.attack_detection.window_min_changes = 21;
+        config.attack_detection.trusted_proxies = vec!["nginx".into()];
+        config.attack_detection.secret = Some(DetectionSecret::new("short"));
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else { panic!() };
+        assert_eq!(problems.len(), 5, "{problems:?}");
+        assert!(!format!("{config:?}").contains("short"), "Debug must redact the secret");
+    }
+
+    #[test]
+    fn networks_contain_their_addresses() {
+        let net = Network::parse("10.1.0.0/16").unwrap();
+        assert!(net.contains("10.1.200.3".parse().unwrap()) && !net.contains("10.2.0.1".parse().unwrap()));
+        assert!(net.contains("::ffff:10.1.0.9".parse().unwrap()), "IPv4-mapped");
+        assert!(Network::parse("::1").unwrap().contains("::1".parse().unwrap()));
+        assert!(Network::parse("0.0.0.0/0").unwrap().contains("192.0.2.1".parse().unwrap()));
+        assert_eq!(Network::parse("10.0.0.0/33"), None);
+        assert_eq!(Network::parse("nginx"), None);
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! 7. [`model`]: model cards, labels, the registry of loaded models.
 //! 8. [`api`]: the JSON types of the API (the wire format, shared with clients).
 //!
+//! On the request path beside the pipeline: [`detect`] (fingerprints of each client's
+//! recent queries, the store they live in, and the policy against query attacks;
+//! `http/classify.rs` calls it between decoding and inference).
+//!
 //! Beside the request path: [`attack`] (Square, NES, EOT against an oracle; PGD and
 //! APGD on a differentiable copy of a preset, with gradients of the served ONNX files
 //! from models/gradients) and [`redteam`] (oracles, white-box runs, the `attack` and
@@ -26,6 +30,7 @@ pub mod attack;
 pub mod cli;
 pub mod config;
 pub mod defense;
+pub mod detect;
 pub mod engine;
 pub mod explore;
 pub mod http;

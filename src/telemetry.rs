@@ -37,9 +37,18 @@ pub fn metrics_handle() -> PrometheusHandle {
 fn install_recorder() -> PrometheusHandle {
     const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
     const ROWS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
+    // Attack detection's steps take microseconds (memory) to a Redis round trip.
+    const DETECTION_SECONDS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1];
+    const MATCHES: &[f64] = &[0.0, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0];
     let builder = PrometheusBuilder::new();
+    // Full-name matchers win over the suffix ones.
     let builder = builder
-        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+        .set_buckets_for_metric(Matcher::Full("pandaguard_fingerprint_seconds".into()), DETECTION_SECONDS)
+        .and_then(|b| {
+            b.set_buckets_for_metric(Matcher::Full("pandaguard_detection_store_seconds".into()), DETECTION_SECONDS)
+        })
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full("pandaguard_query_attack_matches".into()), MATCHES))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Suffix("_rows".into()), ROWS))
         .unwrap_or_else(|_| PrometheusBuilder::new());
     let recorder = builder.build_recorder();
@@ -65,6 +74,24 @@ fn describe() {
     describe_histogram!("pandaguard_http_request_seconds", Unit::Seconds, "HTTP request latency by route");
     describe_histogram!("pandaguard_stage_seconds", Unit::Seconds, "Time per /classify stage");
     describe_histogram!("pandaguard_batch_rows", "Rows per Session::run, by model");
+    describe_counter!(
+        "pandaguard_query_attacks_detected_total",
+        "Queries detected as part of a black-box query attack, by action"
+    );
+    describe_histogram!(
+        "pandaguard_query_attack_matches",
+        "Fingerprint hashes of a query already in its client's window"
+    );
+    describe_histogram!("pandaguard_fingerprint_seconds", Unit::Seconds, "Time to fingerprint one model input");
+    describe_histogram!(
+        "pandaguard_detection_store_seconds",
+        Unit::Seconds,
+        "Time of one fingerprint store lookup-and-record, by store"
+    );
+    describe_counter!(
+        "pandaguard_detection_store_fallback_total",
+        "Store operations answered by the replica's memory because Redis was down or slow"
+    );
     describe_histogram!("pandaguard_inference_seconds", Unit::Seconds, "Session::run time, by model");
     describe_gauge!("pandaguard_queue_rows", "Rows admitted and not yet run, by model");
     describe_counter!("pandaguard_rejected_total", "Requests refused at admission, by model and reason");

@@ -127,6 +127,15 @@ fn deploy_files_agree_with_the_server_config() {
     assert!(upstreams.iter().all(|l| l.contains("max_fails=0")), "{upstreams:?}");
     assert!(!config.defense.allow_client_seed);
     assert!(deployment_text().contains("PANDAGUARD_DEFENSE__SEED_SECRET"));
+    // Query-attack detection: refused, shared by the replicas through the Redis of
+    // redis.yaml, with one fingerprint key for all of them.
+    let detection = &config.attack_detection;
+    assert_eq!(detection.action, pandaguard::detect::Action::Refuse);
+    assert_eq!(detection.store, "redis://pandaguard-redis:6379");
+    assert!(!detection.trusted_networks().is_empty());
+    assert!(deployment_text().contains("PANDAGUARD_ATTACK_DETECTION__SECRET"));
+    assert!(deploy_file("kubernetes/redis.yaml").contains("name: pandaguard-redis"));
+    assert!(deploy_file("kubernetes/kustomization.yaml").contains("- redis.yaml"));
 
     // Kubernetes: preStop sleep = drain delay; the grace period covers preStop + drain + in-flight.
     let deployment = deploy_file("kubernetes/deployment.yaml");
@@ -139,7 +148,15 @@ fn deploy_files_agree_with_the_server_config() {
     }
     assert!(deployment.contains("PANDAGUARD_RUNTIME__INTRA_OP_THREADS") && deployment.contains("resource: limits.cpu"));
     // Plain YAML hygiene (no YAML crate among the dev-dependencies): no tabs.
-    for file in ["configmap.yaml", "deployment.yaml", "service.yaml", "hpa.yaml", "pdb.yaml", "kustomization.yaml"] {
+    for file in [
+        "configmap.yaml",
+        "deployment.yaml",
+        "service.yaml",
+        "hpa.yaml",
+        "pdb.yaml",
+        "kustomization.yaml",
+        "redis.yaml",
+    ] {
         let text = deploy_file(&format!("kubernetes/{file}"));
         assert!(!text.contains('\t'), "{file} contains a tab");
     }

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use super::ApiError;
 use crate::api::{ClassScore, ClassifyResponse, DefendedPrediction, DefenseReport, Prediction, Timing};
 use crate::model::Labels;
 use crate::pipeline::{Cost, Outcome};
@@ -43,6 +44,7 @@ pub fn classify_response(outcome: &Outcome, request_id: String, top_k: usize) ->
         seed: outcome.seed,
         rows: outcome.cost.rows,
         timing_ms: timing(&outcome.cost),
+        query_attack: None,
     }
 }
 
@@ -78,4 +80,36 @@ fn timing(cost: &Cost) -> Timing {
 /// Milliseconds with microsecond resolution.
 fn millis(duration: Duration) -> f64 {
     (duration.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The answer of `attack_detection.action = "degrade"` for a detected query: labels
+/// and class ids only. Left out: `confidence` of `raw`, `defended` and every defense,
+/// `probability` of every top-k entry, each defense's `details` (member confidences),
+/// and `squeeze_score` (a distance between probability vectors). A score-based attack
+/// (Square, NES) then has nothing to climb; a decision-based one still sees labels.
+pub fn without_scores(answer: &ClassifyResponse) -> Result<serde_json::Value, ApiError> {
+    let mut value = serde_json::to_value(answer).map_err(|e| ApiError::Internal(format!("answer to JSON: {e}")))?;
+    let Some(object) = value.as_object_mut() else { return Ok(value) };
+    object.remove("squeeze_score");
+    for key in ["raw", "defended"] {
+        if let Some(prediction) = object.get_mut(key).and_then(|v| v.as_object_mut()) {
+            strip_prediction(prediction);
+        }
+    }
+    if let Some(defenses) = object.get_mut("defenses").and_then(|v| v.as_array_mut()) {
+        for defense in defenses.iter_mut().filter_map(|d| d.as_object_mut()) {
+            defense.remove("details");
+            strip_prediction(defense);
+        }
+    }
+    Ok(value)
+}
+
+fn strip_prediction(prediction: &mut serde_json::Map<String, serde_json::Value>) {
+    prediction.remove("confidence");
+    if let Some(top) = prediction.get_mut("top_k").and_then(|v| v.as_array_mut()) {
+        for entry in top.iter_mut().filter_map(|e| e.as_object_mut()) {
+            entry.remove("probability");
+        }
+    }
 }

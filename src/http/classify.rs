@@ -1,16 +1,21 @@
 //! `POST /classify`: read the image from the body (raw or multipart), run the
 //! pipeline under the request's deadline, answer JSON.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
 use axum::Json;
-use axum::extract::{FromRequest, Multipart, Request, State};
+use axum::extract::{ConnectInfo, FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use http_body_util::BodyExt;
 
 use super::observe::{RequestContext, RequestSummary};
-use super::{ApiError, AppState, answer};
-use crate::api::{ClassifyResponse, ErrorResponse, Timing};
+use super::{ApiError, AppState, answer, client};
+use crate::api::{ClassifyResponse, ErrorResponse, QueryAttackReport, Timing};
+use crate::detect::{ClientId, Decision, Detector, Verdict};
 use crate::params::{ClassifyParams, ClassifyQuery, ParamError, ParamProblem};
 
 /// Media types taken as a raw image body. The bytes decide the format; the type only
@@ -51,6 +56,7 @@ pub(super) const RAW_IMAGE_TYPES: &[&str] = &[
         (status = 413, description = "Body or image dimensions over the limits", body = ErrorResponse),
         (status = 415, description = "Unsupported Content-Type", body = ErrorResponse),
         (status = 422, description = "Invalid query parameter", body = ErrorResponse),
+        (status = 429, description = "Query attack detected (`attack_detection.action = refuse`): this client's recent queries are near-identical images, or it is in the cooldown after one; see Retry-After", body = ErrorResponse),
         (status = 503, description = "Overloaded (queue full) or not ready; see Retry-After", body = ErrorResponse),
         (status = 504, description = "Not finished within the request deadline", body = ErrorResponse),
     ))]
@@ -74,30 +80,120 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
     // 503 at once when the queues cannot drain before its deadline).
     let max_body = state.config().server.max_body_bytes;
     let kind = body_kind(request.headers(), max_body)?;
+    // Query-attack detection knows the client from the head too; a client in its
+    // cooldown under `refuse` is turned away before its body is read or decoded.
+    let detection = state.detector().map(|detector| {
+        let peer = request.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0);
+        let keys_required = state.api_keys().required();
+        let id = client::client_id(detector, request.headers(), peer, keys_required, state.trusted_proxies());
+        (Arc::clone(detector), id)
+    });
+    if let Some((detector, id)) = &detection {
+        if let Some(left) = cooldown(detector, id).await? {
+            return Ok(refusal(left, id, None));
+        }
+    }
     let admitted = pipeline.admit(&params, deadline)?;
 
     let body = tokio::time::timeout_at(deadline.into(), read_image(request, kind, &state, max_body))
         .await
         .map_err(|_| ApiError::BodyTimeout { deadline_ms })??;
 
+    // Detection runs between decoding and inference: on the model-input pixels, and
+    // before a refused query costs any inference.
     let work = async {
         let prepared = pipeline.prepare(admitted, body, &params).await?;
-        pipeline.finish(prepared, &params, context.arrived).await
+        let mut verdict = None;
+        if let Some((detector, id)) = &detection {
+            let checked = inspect(detector, id, prepared.model_input().as_raw().clone()).await?;
+            verdict = Some(checked);
+            if let Decision::Refuse { .. } = detector.policy().decide(checked.detected) {
+                return Ok((None, verdict));
+            }
+        }
+        let outcome = pipeline.finish(prepared, &params, context.arrived).await?;
+        Ok::<_, ApiError>((Some(outcome), verdict))
     };
-    let outcome = tokio::time::timeout_at(deadline.into(), work)
+    let (outcome, verdict) = tokio::time::timeout_at(deadline.into(), work)
         .await
         .map_err(|_| ApiError::DeadlineExceeded { deadline_ms })??;
-    let answer = answer::classify_response(&outcome, context.id, params.top_k);
+    let Some(outcome) = outcome else {
+        // Refused by the policy: the verdict and the client are known.
+        let (retry_after, id) = match (&detection, verdict) {
+            (Some((detector, id)), Some(_)) => (detector.policy().cooldown, id),
+            _ => return Err(ApiError::Internal("a refusal without a verdict".into())),
+        };
+        return Ok(refusal(retry_after, id, verdict));
+    };
+    let mut answer = answer::classify_response(&outcome, context.id, params.top_k);
+    let decision = match (&detection, verdict) {
+        (Some((detector, _)), Some(verdict)) => {
+            if detector.policy().reports() {
+                let observation = verdict.observation;
+                answer.query_attack = Some(QueryAttackReport {
+                    detected: verdict.detected,
+                    matches: observation.matches,
+                    window: observation.window,
+                });
+            }
+            detector.policy().decide(verdict.detected)
+        }
+        _ => Decision::Answer,
+    };
 
-    let summary =
-        RequestSummary { model: answer.model.clone(), rows: answer.rows, suspicious: Some(answer.suspicious) };
+    let mut summary = RequestSummary {
+        model: answer.model.clone(),
+        rows: answer.rows,
+        suspicious: Some(answer.suspicious),
+        ..RequestSummary::default()
+    };
+    if let (Some((_, id)), Some(verdict)) = (&detection, verdict) {
+        summary.detection(id, &verdict);
+    }
     let server_timing = server_timing(&answer.timing_ms);
-    let mut response = Json(answer).into_response();
+    let mut response = match decision {
+        Decision::Degrade => Json(answer::without_scores(&answer)?).into_response(),
+        _ => Json(answer).into_response(),
+    };
     if let Ok(value) = HeaderValue::from_str(&server_timing) {
         response.headers_mut().insert("server-timing", value);
     }
     response.extensions_mut().insert(summary);
     Ok(response)
+}
+
+/// The rest of the client's cooldown, when the policy refuses clients (the store may
+/// be a network round trip: on the blocking pool).
+async fn cooldown(detector: &Arc<Detector>, id: &ClientId) -> Result<Option<Duration>, ApiError> {
+    if !detector.policy().refuses() {
+        return Ok(None);
+    }
+    let (detector, id) = (Arc::clone(detector), id.clone());
+    tokio::task::spawn_blocking(move || detector.cooldown(&id))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the detection worker failed: {e}")))
+}
+
+/// Fingerprints the model input and consults the client's window, on the blocking pool.
+async fn inspect(detector: &Arc<Detector>, id: &ClientId, pixels: Vec<u8>) -> Result<Verdict, ApiError> {
+    let (detector, id) = (Arc::clone(detector), id.clone());
+    tokio::task::spawn_blocking(move || detector.inspect(&id, &pixels))
+        .await
+        .map_err(|e| ApiError::Internal(format!("the detection worker failed: {e}")))
+}
+
+/// 429 `query_attack_detected` with `Retry-After` (whole seconds, rounded up), and the
+/// detection in the access log.
+fn refusal(retry_after: Duration, id: &ClientId, verdict: Option<Verdict>) -> Response {
+    let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+    let mut response = ApiError::QueryAttackDetected { retry_after: seconds }.into_response();
+    let mut summary = RequestSummary::default();
+    match verdict {
+        Some(verdict) => summary.detection(id, &verdict),
+        None => summary.cooling_down(id),
+    }
+    response.extensions_mut().insert(summary);
+    response
 }
 
 /// `Server-Timing` lets browsers and proxies show the stages without parsing the body.

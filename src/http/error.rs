@@ -39,6 +39,10 @@ pub enum ApiError {
     /// No capacity; `retry_after` (seconds) is when it is worth asking again.
     #[error("the server is overloaded ({message}); retry later")]
     Overloaded { message: String, retry_after: Option<u64> },
+    /// The client's recent queries look like a black-box attack (near-identical
+    /// images), or it is in the cooldown after one; `retry_after` in seconds.
+    #[error("too many near-identical queries from this client: refused for {retry_after} s")]
+    QueryAttackDetected { retry_after: u64 },
     #[error("the server is not ready: {0}")]
     NotReady(String),
     #[error("the request did not finish within its deadline of {deadline_ms} ms")]
@@ -64,6 +68,7 @@ impl ApiError {
             ApiError::BodyTooLarge { .. } | ApiError::ImageTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::InvalidParameter { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::QueryAttackDetected { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Overloaded { .. } | ApiError::NotReady(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::DeadlineExceeded { .. } => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -84,6 +89,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::BodyTimeout { .. } => "body_timeout",
             ApiError::Overloaded { .. } => "overloaded",
+            ApiError::QueryAttackDetected { .. } => "query_attack_detected",
             ApiError::NotReady(_) => "not_ready",
             ApiError::DeadlineExceeded { .. } => "deadline_exceeded",
             ApiError::Internal(_) => "internal",
@@ -163,7 +169,12 @@ impl From<EngineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status(), Json(self.body())).into_response();
-        if let ApiError::Overloaded { retry_after: Some(seconds), .. } = self {
+        let retry_after = match self {
+            ApiError::Overloaded { retry_after: Some(seconds), .. }
+            | ApiError::QueryAttackDetected { retry_after: seconds } => Some(seconds),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
         }
         response
@@ -198,5 +209,8 @@ mod tests {
         assert_eq!((late.status(), late.to_string().contains("250 ms")), (StatusCode::GATEWAY_TIMEOUT, true));
         let stopped: ApiError = PipelineError::engine("m", EngineError::Stopped("m".into()), 1).into();
         assert_eq!(stopped.code(), "not_ready");
+        let attack = ApiError::QueryAttackDetected { retry_after: 60 }.into_response();
+        assert_eq!(attack.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(attack.headers().get(header::RETRY_AFTER).unwrap(), "60");
     }
 }

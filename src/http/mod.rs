@@ -3,12 +3,14 @@
 //! Owns: the routes (one list here: public and protected routers), the JSON answers
 //! built from pipeline outcomes (`answer.rs`), the one error enum and its mapping to
 //! statuses (`error.rs`), request ids, metrics and the access log (`observe.rs`), API
-//! keys (`auth.rs`), serving and draining (`server.rs`). Handlers stay thin: parse,
+//! keys (`auth.rs`), who a client is for query-attack detection (`client.rs`),
+//! serving and draining (`server.rs`). Handlers stay thin: parse,
 //! call the pipeline, answer. Nothing below this layer imports axum.
 
 pub mod answer;
 mod auth;
 mod classify;
+mod client;
 pub mod error;
 mod explore;
 mod health;

@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{AppState, RouteLabel};
+use crate::detect::{ClientId, Verdict};
 
 pub static REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -27,6 +28,26 @@ pub struct RequestSummary {
     pub model: String,
     pub rows: usize,
     pub suspicious: Option<bool>,
+    /// With query-attack detection on: the client's keyed digest (never its key or
+    /// address), whether the query was detected (or refused in a cooldown), and its
+    /// matching hashes.
+    pub client: Option<String>,
+    pub query_attack: Option<bool>,
+    pub matches: Option<usize>,
+}
+
+impl RequestSummary {
+    pub fn detection(&mut self, client: &ClientId, verdict: &Verdict) {
+        self.client = Some(client.to_string());
+        self.query_attack = Some(verdict.detected);
+        self.matches = Some(verdict.observation.matches);
+    }
+
+    /// Refused without a look at the image: the client is in its cooldown.
+    pub fn cooling_down(&mut self, client: &ClientId) {
+        self.client = Some(client.to_string());
+        self.query_attack = Some(true);
+    }
 }
 
 /// Marks a response the access log leaves out (probes and scrapes).
@@ -82,6 +103,9 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             model = %summary.model,
             rows = summary.rows,
             suspicious = summary.suspicious,
+            client = summary.client.as_deref(),
+            query_attack = summary.query_attack,
+            matches = summary.matches,
             "request"
         );
     }

@@ -11,7 +11,7 @@ use crate::api::{
     ClassScore, ClassifyResponse, DefendedPrediction, DefenseReport, ErrorDetail, ErrorResponse, ExploreAxes,
     ExploreAxis, ExploreClass, ExploreGrid, ExplorePoint, ExploreResponse, ExploreTiming, HealthResponse, InfoExplore,
     InfoInput, InfoLimits, InfoModel, InfoPreset, InfoResponse, ModelInfo, ModelsResponse, Prediction, Sample,
-    SamplesResponse, Timing,
+    QueryAttackReport, SamplesResponse, Timing,
 };
 use crate::defense::Defenses;
 
@@ -28,7 +28,7 @@ use crate::defense::Defenses;
         ClassifyResponse, Prediction, ClassScore, Timing, ErrorResponse, ErrorDetail, ModelsResponse, ModelInfo,
         HealthResponse, DefendedPrediction, DefenseReport, InfoResponse, InfoModel, InfoInput, InfoPreset, InfoLimits,
         InfoExplore, SamplesResponse, Sample, ExploreResponse, ExploreAxes, ExploreAxis, ExplorePoint, ExploreClass,
-        ExploreGrid, ExploreTiming,
+        ExploreGrid, ExploreTiming, QueryAttackReport,
     )),
     tags(
         (name = "classify", description = "Predictions"),

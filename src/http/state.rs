@@ -8,8 +8,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 
 use super::ApiError;
 use super::auth::ApiKeys;
-use crate::config::Config;
+use crate::config::{Config, Network};
 use crate::defense::Defenses;
+use crate::detect::Detector;
 use crate::pipeline::Pipeline;
 
 #[derive(Clone)]
@@ -26,6 +27,10 @@ struct Inner {
     api_keys: ApiKeys,
     /// Decision maps computed at once (`explore.max_concurrent`).
     explore_permits: Arc<tokio::sync::Semaphore>,
+    /// Query-attack detection; `None` when `attack_detection.action = "off"`.
+    detector: Option<Arc<Detector>>,
+    /// Proxies whose `X-Forwarded-For` names the client.
+    trusted_proxies: Vec<Network>,
 }
 
 impl AppState {
@@ -46,6 +51,8 @@ impl AppState {
         let draining = AtomicBool::new(false);
         let defenses = Defenses::standard();
         let explore_permits = Arc::new(tokio::sync::Semaphore::new(config.explore.max_concurrent));
+        let detector = Detector::from_config(&config.attack_detection);
+        let trusted_proxies = config.attack_detection.trusted_networks();
         Self(Arc::new(Inner {
             config,
             defenses,
@@ -54,7 +61,17 @@ impl AppState {
             metrics,
             api_keys,
             explore_permits,
+            detector,
+            trusted_proxies,
         }))
+    }
+
+    pub fn detector(&self) -> Option<&Arc<Detector>> {
+        self.0.detector.as_ref()
+    }
+
+    pub fn trusted_proxies(&self) -> &[Network] {
+        &self.0.trusted_proxies
     }
 
     pub fn api_keys(&self) -> &ApiKeys {
