@@ -16,7 +16,7 @@ PEER_VENV := benches/python_peer/.venv
 PEER_STAMP := $(PEER_VENV)/.installed
 CARGO ?= cargo
 
-.PHONY: setup models nginx redis build run test bench lint fmt clean
+.PHONY: setup models nginx browser redis build run test bench lint fmt clean
 
 setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES)
 
@@ -54,6 +54,13 @@ redis:
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends redis-server; }
 
+# Chromium and chromedriver for tests/browser.rs (the web page in a real headless
+# browser, driven over WebDriver), from Debian's packages when missing.
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
+
 $(SAMPLES): scripts/fetch_samples.py $(VENV_STAMP)
 	$(VENV_PY) scripts/fetch_samples.py --out testdata/imagenet
 
@@ -65,7 +72,7 @@ run: setup build
 
 # The white-box red team's gradients first (parity with ONNX Runtime, finite-difference
 # checks: models/gradients/README.md), then every Rust test.
-test: setup nginx redis
+test: setup nginx redis browser
 	$(VENV_PY) -m unittest models/gradients/test_gradients.py
 	$(CARGO) test --release --locked
 

@@ -10,8 +10,8 @@ use super::AppState;
 use crate::api::{
     ClassScore, ClassifyResponse, DefendedPrediction, DefenseReport, ErrorDetail, ErrorResponse, ExploreAxes,
     ExploreAxis, ExploreClass, ExploreGrid, ExplorePoint, ExploreResponse, ExploreTiming, HealthResponse, InfoExplore,
-    InfoInput, InfoLimits, InfoModel, InfoPreset, InfoResponse, ModelInfo, ModelsResponse, Prediction, Sample,
-    QueryAttackReport, SamplesResponse, Timing,
+    InfoInput, InfoLimits, InfoModel, InfoPreset, InfoResponse, ModelInfo, ModelsResponse, Prediction,
+    QueryAttackReport, Sample, SamplesResponse, Timing,
 };
 use crate::defense::Defenses;
 
