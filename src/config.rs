@@ -85,7 +85,7 @@ impl Default for ExploreConfig {
             default_grid: 21,
             max_rows: 20_000,
             max_concurrent: 1,
-            cell_concurrency: 8,
+            cell_concurrency: 32,
             attack_queries: 300,
             timeout_ms: 180_000,
         }
