@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use image::RgbImage;
 use pandaguard::config::AttackDetectionConfig;
-use pandaguard::detect::{ClientId, FingerprintStore, Fingerprinter, MemoryStore};
+use pandaguard::detect::{ClientId, FingerprintStore, Fingerprinter, MemoryStore, Thresholds};
 
 const ROUNDS: usize = 50;
 
@@ -16,6 +16,7 @@ fn main() {
     let config = AttackDetectionConfig::default();
     let fingerprinter = Fingerprinter::new(config.fingerprint_params(), Some(b"bench secret, not a real one"));
     let store = MemoryStore::new(config.store_limits());
+    let thresholds = Thresholds { alike: config.match_threshold, close: config.close_match_threshold };
     let photos = photos();
     let (mut fingerprint_times, mut store_times) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
@@ -26,7 +27,7 @@ fn main() {
             // Clients come and go as in a busy service: 100 of them, windows filling up.
             let client = ClientId::from_hashed(format!("client-{}", (round * photos.len() + index) % 100));
             let started = Instant::now();
-            std::hint::black_box(store.record(&client, &fingerprint));
+            std::hint::black_box(store.record(&client, &fingerprint, thresholds));
             store_times.push(started.elapsed());
         }
     }

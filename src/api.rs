@@ -47,11 +47,16 @@ pub struct ClassifyResponse {
 /// How this query compares with the same client's recent ones.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct QueryAttackReport {
-    /// At least `attack_detection.match_threshold` of the query's fingerprint hashes
-    /// were in the client's window: the pattern of a black-box query attack.
+    /// The query is nearly identical to `attack_detection.close_queries` of the client's
+    /// recent queries, or alike to `alike_queries` of them: the pattern of a black-box
+    /// query attack.
     pub detected: bool,
-    /// Fingerprint hashes of this query already seen in the client's window.
+    /// The most fingerprint hashes this query shares with one of the client's recent queries.
     pub matches: usize,
+    /// Recent queries sharing at least `match_threshold` hashes with it (alike).
+    pub alike: usize,
+    /// Recent queries sharing at least `close_match_threshold` hashes with it (nearly identical).
+    pub close: usize,
     /// Earlier queries of the client it was compared with.
     pub window: usize,
 }

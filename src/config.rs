@@ -357,8 +357,16 @@ pub struct AttackDetectionConfig {
     pub max_clients: usize,
     /// Hashes per fingerprint (Blacklight's N).
     pub hashes: usize,
-    /// A query is an attack when this many of its hashes were in the client's window.
+    /// Hashes two queries must share to count as alike (re-encodes and resizes of one
+    /// photo often are; unrelated photos share at most a few).
     pub match_threshold: usize,
+    /// A query alike to this many earlier queries of the client is an attack.
+    pub alike_queries: usize,
+    /// Hashes two queries must share to count as nearly identical (what an attack's
+    /// small steps and probes are; realistic edits of a photo rarely are).
+    pub close_match_threshold: usize,
+    /// A query nearly identical to this many earlier queries of the client is an attack.
+    pub close_queries: usize,
     /// Width of a pixel quantisation bucket, in 8-bit levels.
     pub quantization: u8,
     /// Quantised values per hashed window, and the step between windows.
@@ -388,7 +396,10 @@ impl Default for AttackDetectionConfig {
             max_queries_per_client: 100,
             max_clients: 1000,
             hashes: 50,
-            match_threshold: 20,
+            match_threshold: 15,
+            alike_queries: 8,
+            close_match_threshold: 40,
+            close_queries: 3,
             quantization: 50,
             window_size: 20,
             window_stride: 1,
@@ -447,6 +458,14 @@ impl AttackDetectionConfig {
             (1..=self.hashes).contains(&self.match_threshold),
             "attack_detection.match_threshold must be between 1 and attack_detection.hashes".into(),
         );
+        // (Only once match_threshold itself is valid: one mistake, one message.)
+        check(
+            !(1..=self.hashes).contains(&self.match_threshold)
+                || (self.match_threshold..=self.hashes).contains(&self.close_match_threshold),
+            "attack_detection.close_match_threshold must be between match_threshold and hashes".into(),
+        );
+        check(self.alike_queries >= 1, "attack_detection.alike_queries must be at least 1".into());
+        check(self.close_queries >= 1, "attack_detection.close_queries must be at least 1".into());
         check(self.quantization >= 1, "attack_detection.quantization must be at least 1".into());
         check(self.window_size >= 1, "attack_detection.window_size must be at least 1".into());
         check(self.window_stride >= 1, "attack_detection.window_stride must be at least 1".into());

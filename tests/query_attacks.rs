@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use common::{Replica, Scratch, free_port, samples};
 use image::RgbImage;
 use rand::rngs::Xoshiro256PlusPlus;
-use rand::{Rng, RngExt, SeedableRng};
+use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
 const SECRET: &str = "query-attack-test-secret";
@@ -178,11 +178,13 @@ fn photo(index: usize) -> RgbImage {
     image::imageops::resize(&image, 224, 224, image::imageops::FilterType::Triangle)
 }
 
-/// `image` with every value moved by a fresh uniform random amount in [-2, 2].
-fn nudged(image: &RgbImage, rng: &mut impl Rng) -> RgbImage {
+/// A probe as NES sends it: `image` plus fresh Gaussian noise of σ = 0.001 (its
+/// default, in [0, 1] units), rounded to 8 bits.
+fn probe(image: &RgbImage, rng: &mut impl Rng) -> RgbImage {
     let mut out = image.clone();
     for value in out.iter_mut() {
-        *value = (i16::from(*value) + rng.random_range(-2i16..=2)).clamp(0, 255) as u8;
+        let noise: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng);
+        *value = (f32::from(*value) + noise * 0.255).round().clamp(0.0, 255.0) as u8;
     }
     out
 }
@@ -205,7 +207,7 @@ fn refuse_stops_a_query_attack_and_never_retries_or_distinct_photos() {
     let target = photo(3);
     let mut refused_at = None;
     for query in 1..=DETECTION_BOUND {
-        let answer = classify(addr, attacker, &png(&nudged(&target, &mut rng)));
+        let answer = classify(addr, attacker, &png(&probe(&target, &mut rng)));
         match answer.status {
             200 => {}
             429 => {
@@ -225,7 +227,7 @@ fn refuse_stops_a_query_attack_and_never_retries_or_distinct_photos() {
     assert_eq!((cooling.status, cooling.code()), (429, "query_attack_detected"), "{}", cooling.body);
 
     // (b) A client retrying exactly the same bytes is never refused.
-    let retried = png(&nudged(&photo(5), &mut rng));
+    let retried = png(&probe(&photo(5), &mut rng));
     for attempt in 1..=30 {
         let answer = classify(addr, "203.0.113.20", &retried);
         assert_eq!(answer.status, 200, "retry {attempt}: {}", answer.body);
@@ -259,11 +261,14 @@ fn replicas_sharing_redis_see_one_client_and_survive_its_loss() {
     let mut detected_at = None;
     for query in 1..=DETECTION_BOUND {
         let replica = &replicas[(query - 1) % 2];
-        let answer = classify(replica.addr(), "198.51.100.7", &png(&nudged(&target, &mut rng)));
+        let answer = classify(replica.addr(), "198.51.100.7", &png(&probe(&target, &mut rng)));
         assert_eq!(answer.status, 200, "{}", answer.body);
         // (f) flag: every answer carries the report, with the shared window.
         let report = &answer.body["query_attack"];
         assert_eq!(report["window"].as_u64(), Some(query as u64 - 1), "query {query} on {}: {report}", replica.name);
+        // Every earlier probe is alike to this one (most nearly identical), whichever
+        // replica saw it.
+        assert_eq!(report["alike"].as_u64(), Some(query as u64 - 1), "query {query} on {}: {report}", replica.name);
         assert!(answer.body["raw"]["confidence"].is_number(), "flag keeps the scores");
         if report["detected"] == Value::Bool(true) && detected_at.is_none() {
             detected_at = Some(query);
@@ -291,7 +296,7 @@ fn replicas_sharing_redis_see_one_client_and_survive_its_loss() {
     let target = photo(12);
     for query in 1..=4 {
         let replica = &replicas[(query - 1) % 2];
-        let answer = classify(replica.addr(), "198.51.100.9", &png(&nudged(&target, &mut rng)));
+        let answer = classify(replica.addr(), "198.51.100.9", &png(&probe(&target, &mut rng)));
         assert_eq!(answer.status, 200, "{}", answer.body);
         let window = answer.body["query_attack"]["window"].as_u64();
         assert_eq!(window, Some(query as u64 - 1), "after Redis came back, query {query} on {}", replica.name);
@@ -318,13 +323,13 @@ fn degrade_answers_labels_without_scores() {
     let server = replica("degrade", &scratch, &[("PANDAGUARD_ATTACK_DETECTION__ACTION", "degrade")]);
     let mut rng = Xoshiro256PlusPlus::seed_from_u64(41);
     let target = photo(8);
-    let first = classify(server.addr(), "192.0.2.5", &png(&nudged(&target, &mut rng)));
+    let first = classify(server.addr(), "192.0.2.5", &png(&probe(&target, &mut rng)));
     assert_eq!(first.status, 200);
     assert!(first.body["raw"]["top_k"][0]["probability"].is_number(), "a first query has its scores");
     assert!(first.body.get("query_attack").is_none(), "only flag reports");
     let mut degraded = None;
     for _ in 1..DETECTION_BOUND {
-        let answer = classify(server.addr(), "192.0.2.5", &png(&nudged(&target, &mut rng)));
+        let answer = classify(server.addr(), "192.0.2.5", &png(&probe(&target, &mut rng)));
         assert_eq!(answer.status, 200, "{}", answer.body);
         if answer.body["raw"].get("confidence").is_none() {
             degraded = Some(answer.body);

@@ -244,12 +244,23 @@ pub(crate) mod tests {
         image::imageops::resize(&image, 224, 224, image::imageops::FilterType::Triangle)
     }
 
-    /// `image` with every value moved by a uniform random amount in [-2, 2] (clamped),
-    /// what a score-based query attacker's probes look like.
+    /// `image` with every value moved by a uniform random amount in [-2, 2] (clamped): a
+    /// noisier probe than the project's attacks send (see `probe`).
     pub(crate) fn nudged(image: &RgbImage, rng: &mut impl Rng) -> RgbImage {
         let mut out = image.clone();
         for value in out.iter_mut() {
             *value = (i16::from(*value) + rng.random_range(-2i16..=2)).clamp(0, 255) as u8;
+        }
+        out
+    }
+
+    /// What NES sends: `image` plus Gaussian noise of σ = 0.001 (its default, in [0, 1]
+    /// units), rounded to 8 bits; Square's steps change one small square and are as close.
+    pub(crate) fn probe(image: &RgbImage, rng: &mut impl Rng) -> RgbImage {
+        let mut out = image.clone();
+        for value in out.iter_mut() {
+            let noise: f32 = rand_distr::Distribution::sample(&rand_distr::StandardNormal, rng);
+            *value = (f32::from(*value) + noise * 0.255).round().clamp(0.0, 255.0) as u8;
         }
         out
     }

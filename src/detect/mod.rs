@@ -3,9 +3,12 @@
 //! images that are nearly identical to each other; a stateless defense cannot see
 //! that, the server can. Each decoded query gets a content fingerprint
 //! (`fingerprint.rs`), the client's recent fingerprints are kept in a store
-//! (`store.rs` in process, `redis.rs` shared by replicas), and a query that shares at
-//! least `match_threshold` of its hashes with them is an attack; `policy.rs` says what
-//! then happens.
+//! (`store.rs` in process, `redis.rs` shared by replicas) and the query is compared with
+//! each of them. It is an attack when it is nearly identical (`close_match_threshold`
+//! hashes shared) to `close_queries` earlier queries, what the small steps and probes of
+//! Square, NES or HopSkipJump look like, or alike (`match_threshold`) to `alike_queries`
+//! of them, which a noisier attacker reaches and a client sending a few edited copies of
+//! one photo does not; `policy.rs` says what then happens.
 //!
 //! Owns: fingerprints, client windows, the decision. Must not import: `http`/axum, the
 //! pipeline or the engines (the handler hands in the model-input pixels and a client
@@ -24,7 +27,7 @@ use sha2::{Digest, Sha256};
 
 pub use fingerprint::{Fingerprint, FingerprintParams, Fingerprinter};
 pub use policy::{Action, Decision, Policy};
-pub use store::{ClientId, FingerprintStore, MemoryStore, Observation, StoreLimits};
+pub use store::{ClientId, FingerprintStore, MemoryStore, Observation, StoreLimits, Thresholds};
 
 use crate::config::AttackDetectionConfig;
 
@@ -32,7 +35,10 @@ use crate::config::AttackDetectionConfig;
 pub struct Detector {
     fingerprinter: Fingerprinter,
     store: Box<dyn FingerprintStore>,
-    threshold: usize,
+    thresholds: Thresholds,
+    /// Nearly identical, or alike, earlier queries that make an attack.
+    close_queries: usize,
+    alike_queries: usize,
     policy: Policy,
     /// Key of the client digests (the same on every replica sharing the secret).
     identity_key: [u8; 32],
@@ -77,7 +83,7 @@ impl Detector {
             Box::new(MemoryStore::new(limits))
         } else {
             let timeout = Duration::from_millis(config.redis_timeout_ms);
-            match redis::RedisStore::new(&config.store, limits, config.hashes, timeout) {
+            match redis::RedisStore::new(&config.store, limits, timeout) {
                 Ok(store) => Box::new(store),
                 // `Config::validate` parses the URL first; should it still be refused,
                 // this replica detects alone rather than not at all.
@@ -89,7 +95,16 @@ impl Detector {
         };
         tracing::info!(action = ?config.action, store = store.name(), "query-attack detection is on");
         let policy = Policy { action: config.action, cooldown: Duration::from_secs(config.cooldown_seconds) };
-        Some(Arc::new(Detector { fingerprinter, store, threshold: config.match_threshold, policy, identity_key }))
+        let thresholds = Thresholds { alike: config.match_threshold, close: config.close_match_threshold };
+        Some(Arc::new(Detector {
+            fingerprinter,
+            store,
+            thresholds,
+            close_queries: config.close_queries,
+            alike_queries: config.alike_queries,
+            policy,
+            identity_key,
+        }))
     }
 
     pub fn policy(&self) -> &Policy {
@@ -126,12 +141,13 @@ impl Detector {
         // An image without a single textured window (a flat colour) has nothing to be
         // compared by, and is neither counted nor stored.
         let observation = if fingerprint.hashes.is_empty() {
-            Observation { matches: 0, window: 0, repeat: false }
+            Observation::default()
         } else {
-            self.store.record(client, &fingerprint)
+            self.store.record(client, &fingerprint, self.thresholds)
         };
         let store_time = stored.elapsed();
-        let detected = !observation.repeat && observation.matches >= self.threshold;
+        let detected =
+            !observation.repeat && (observation.close >= self.close_queries || observation.alike >= self.alike_queries);
         metrics::histogram!("pandaguard_fingerprint_seconds").record(fingerprint_time.as_secs_f64());
         metrics::histogram!("pandaguard_detection_store_seconds", "store" => self.store.name())
             .record(store_time.as_secs_f64());
@@ -164,7 +180,9 @@ mod tests {
     use rand::SeedableRng;
     use rand::rngs::Xoshiro256PlusPlus;
 
-    use super::fingerprint::tests::{nudged, photo};
+    use image::RgbImage;
+
+    use super::fingerprint::tests::{nudged, photo, probe};
     use super::*;
 
     fn detector(action: Action) -> Arc<Detector> {
@@ -173,17 +191,32 @@ mod tests {
         Detector::from_config(&config).unwrap()
     }
 
+    /// The first query of `queries` the detector flags (1-based).
+    fn first_detection(
+        detector: &Detector,
+        client: &ClientId,
+        queries: impl IntoIterator<Item = RgbImage>,
+    ) -> Option<usize> {
+        queries.into_iter().position(|image| detector.inspect(client, image.as_raw()).detected).map(|i| i + 1)
+    }
+
     #[test]
-    fn a_nudged_photo_series_is_detected_within_a_few_queries_and_distinct_photos_never() {
+    fn probe_series_are_detected_within_a_few_queries_and_distinct_photos_never() {
         let detector = detector(Action::Flag);
-        let attacker = detector.client_id("addr", b"10.0.0.1");
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(3);
         let image = photo(4);
-        let first = (1..=10)
-            .find(|_| detector.inspect(&attacker, nudged(&image, &mut rng).as_raw()).detected)
-            .expect("detected within 10 queries");
-        println!("a nudged photo series was detected at query {first}");
-        assert!(first <= 5, "detected only at query {first}");
+        // NES-like probes are nearly identical to each other: caught by `close_queries` (3).
+        let attacker = detector.client_id("addr", b"10.0.0.1");
+        let probes: Vec<RgbImage> = (0..10).map(|_| probe(&image, &mut rng)).collect();
+        let first = first_detection(&detector, &attacker, probes).expect("probes detected within 10 queries");
+        println!("NES-like probes of one photo were detected at query {first}");
+        assert_eq!(first, 4, "three nearly identical earlier queries make an attack");
+        // ±2/255 noise per probe is only alike (about half the hashes): `alike_queries` (8).
+        let noisier = detector.client_id("addr", b"10.0.0.4");
+        let nudges: Vec<RgbImage> = (0..20).map(|_| nudged(&image, &mut rng)).collect();
+        let first = first_detection(&detector, &noisier, nudges).expect("±2/255 probes detected within 20 queries");
+        println!("±2/255 probes of one photo were detected at query {first}");
+        assert!((9..=16).contains(&first), "detected at query {first}");
 
         let benign = detector.client_id("addr", b"10.0.0.2");
         let mut most = 0;
@@ -192,7 +225,45 @@ mod tests {
             assert!(!verdict.detected, "photo {index}: {verdict:?}");
             most = most.max(verdict.observation.matches);
         }
-        println!("one client's 20 distinct photos: at most {most} hashes matched its earlier photos");
+        println!("one client's 20 distinct photos: at most {most} hashes shared with one earlier photo");
+    }
+
+    /// `image` re-encoded as JPEG at `quality`, then brought back to the model input
+    /// size the way the server does (here a plain resize: the photos are 224×224).
+    fn reencoded(image: &RgbImage, quality: u8, scale: f32) -> RgbImage {
+        let (width, height) = ((224.0 * scale) as u32, (224.0 * scale) as u32);
+        let resized = image::imageops::resize(image, width, height, image::imageops::FilterType::Triangle);
+        let mut bytes = Vec::new();
+        image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)
+            .encode_image(&resized)
+            .expect("JPEG encoding in memory");
+        let decoded = image::load_from_memory(&bytes).expect("our own JPEG").to_rgb8();
+        image::imageops::resize(&decoded, 224, 224, image::imageops::FilterType::Triangle)
+    }
+
+    #[test]
+    fn a_client_sending_a_few_edited_copies_of_its_photo_is_not_an_attacker() {
+        let detector = detector(Action::Flag);
+        for index in [1, 6, 12] {
+            let image = photo(index);
+            let client = detector.client_id("addr", format!("10.0.1.{index}").as_bytes());
+            // The photo, then re-encodes at quality 70–95 and resizes by 0.8–1.2: the
+            // edits that stay alike to each other (crops, flips and brightness changes do
+            // not). Seven edits pass; a client that keeps sending them is refused soon
+            // after, the case README "Stopping query attacks" measures as (d).
+            let copies = [(95, 1.0), (70, 1.0), (85, 0.8), (90, 1.2), (75, 1.1), (80, 0.9), (92, 1.0), (88, 0.85)];
+            let edits = std::iter::once(image.clone()).chain(copies.iter().map(|&(q, s)| reencoded(&image, q, s)));
+            let mut most_close = 0;
+            for (query, edit) in edits.enumerate() {
+                let verdict = detector.inspect(&client, edit.as_raw());
+                assert!(!verdict.detected, "photo {index}, query {}: {verdict:?}", query + 1);
+                most_close = most_close.max(verdict.observation.close);
+            }
+            assert!(most_close < 3, "photo {index}: edits nearly identical to {most_close} earlier ones");
+            let more = [(72, 1.05), (94, 0.95), (78, 1.15), (83, 1.0), (71, 0.82), (89, 1.18)];
+            let later = first_detection(&detector, &client, more.iter().map(|&(q, s)| reencoded(&image, q, s)));
+            println!("photo {index}: 8 edits passed; refused at edit {:?} after them", later);
+        }
     }
 
     #[test]
@@ -211,7 +282,7 @@ mod tests {
         let image = photo(2);
         let mut rng = Xoshiro256PlusPlus::seed_from_u64(5);
         assert!(detector.cooldown(&client).is_none());
-        assert!((0..10).any(|_| detector.inspect(&client, nudged(&image, &mut rng).as_raw()).detected));
+        assert!((0..10).any(|_| detector.inspect(&client, probe(&image, &mut rng).as_raw()).detected));
         let left = detector.cooldown(&client).expect("in cooldown");
         assert!(left > Duration::from_secs(50), "{left:?}");
     }

@@ -3,20 +3,19 @@
 //! who spreads queries over replicas is still one client.
 //!
 //! Layout per client (the `{…}` hash tag keeps a client's keys in one cluster slot):
-//! - `pandaguard:qa:{client}:h:<bucket>` — a SET of the hashes of the queries in one
-//!   time bucket (a quarter of `window_seconds`), expiring a window after its bucket
-//!   ends; at most `max_queries_per_client × hashes` members (past that a bucket stops
-//!   growing);
 //! - `pandaguard:qa:{client}:d` — a sorted set of the exact-pixel digests of the
 //!   window's queries, scored by time, trimmed to the window and to
 //!   `max_queries_per_client`;
+//! - `pandaguard:qa:{client}:q` — a hash from each of those digests to the query's
+//!   fingerprint hashes (decimal, space-separated: Lua numbers cannot hold 64 bits);
 //! - `pandaguard:qa:{client}:cool` — present while the client is refused (PX TTL).
 //!
-//! One query is one round trip: a Lua script checks the digest, counts the hashes
-//! already in the window's buckets (`SMISMEMBER`, Redis ≥ 6.2), adds them to the
-//! current bucket and records the digest, atomically. Every key expires, so Redis
-//! memory is bounded by the clients active within a window (and by Redis's own
-//! `maxmemory` policy).
+//! One query is one round trip: a Lua script drops the queries that left the window,
+//! checks the digest, compares the query with every remembered one (counting those
+//! that share at least the two thresholds' numbers of hashes, as the memory store
+//! does), and remembers it, atomically. Both keys expire a window after the client's
+//! last query, so Redis holds at most `max_queries_per_client` queries of each client
+//! active within a window (and obeys its own `maxmemory` policy).
 //!
 //! A Redis that is down, or slower than `redis_timeout_ms`, never fails a request: the
 //! query is answered by the in-process store instead, a warning is logged (at most
@@ -28,10 +27,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::fingerprint::Fingerprint;
-use super::store::{ClientId, FingerprintStore, MemoryStore, Observation, StoreLimits};
+use super::store::{ClientId, FingerprintStore, MemoryStore, Observation, StoreLimits, Thresholds};
 
-/// Time buckets per window.
-const BUCKETS: u64 = 4;
 /// After a failure, Redis is left alone this long.
 const RETRY_AFTER: Duration = Duration::from_secs(1);
 /// At most one fallback warning in the log per this long.
@@ -40,41 +37,48 @@ const WARN_EVERY: Duration = Duration::from_secs(10);
 const POOL: usize = 8;
 
 const RECORD: &str = r#"
--- KEYS[1] digests, KEYS[2] current bucket, KEYS[3..] earlier buckets in the window
--- ARGV: digest, now_ms, window_ms, ttl_s, max_queries, max_hashes, hashes...
+-- KEYS[1] digests (sorted set by time), KEYS[2] fingerprints (hash digest -> hashes)
+-- ARGV: digest, now_ms, window_ms, ttl_ms, max_queries, alike, close, hashes...
 local now = tonumber(ARGV[2])
 local max_queries = tonumber(ARGV[5])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+local left = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+if #left > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[3]))
+  redis.call('HDEL', KEYS[2], unpack(left))
+end
 local window = redis.call('ZCARD', KEYS[1])
 if redis.call('ZSCORE', KEYS[1], ARGV[1]) then
-  return {0, window, 1}
+  return {0, 0, 0, window, 1}
 end
-local matched = {}
-for k = 2, #KEYS do
-  local found = redis.call('SMISMEMBER', KEYS[k], unpack(ARGV, 7))
-  for i = 1, #found do
-    if found[i] == 1 then matched[i] = true end
+local mine = {}
+for i = 8, #ARGV do mine[ARGV[i]] = true end
+local alike_at, close_at = tonumber(ARGV[6]), tonumber(ARGV[7])
+local most, alike, close = 0, 0, 0
+for _, packed in ipairs(redis.call('HVALS', KEYS[2])) do
+  local shared = 0
+  for hash in string.gmatch(packed, '%d+') do
+    if mine[hash] then shared = shared + 1 end
   end
+  if shared > most then most = shared end
+  if shared >= alike_at then alike = alike + 1 end
+  if shared >= close_at then close = close + 1 end
 end
-local matches = 0
-for _ in pairs(matched) do matches = matches + 1 end
-if redis.call('SCARD', KEYS[2]) < tonumber(ARGV[6]) then
-  redis.call('SADD', KEYS[2], unpack(ARGV, 7))
-end
-redis.call('EXPIRE', KEYS[2], tonumber(ARGV[4]))
 redis.call('ZADD', KEYS[1], now, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], table.concat(ARGV, ' ', 8))
 local stored = redis.call('ZCARD', KEYS[1])
 if stored > max_queries then
+  local oldest = redis.call('ZRANGE', KEYS[1], 0, stored - max_queries - 1)
   redis.call('ZREMRANGEBYRANK', KEYS[1], 0, stored - max_queries - 1)
+  redis.call('HDEL', KEYS[2], unpack(oldest))
 end
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[4]))
-return {matches, window, 0}
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
+redis.call('PEXPIRE', KEYS[2], tonumber(ARGV[4]))
+return {most, alike, close, window, 0}
 "#;
 
 pub struct RedisStore {
     client: redis::Client,
     limits: StoreLimits,
-    hashes: usize,
     timeout: Duration,
     script: redis::Script,
     idle: Mutex<Vec<redis::Connection>>,
@@ -87,12 +91,11 @@ pub struct RedisStore {
 impl RedisStore {
     /// Parses the URL only; the first query connects. (A Redis that is down at start-up
     /// is a fallback, not a failed start.)
-    pub fn new(url: &str, limits: StoreLimits, hashes: usize, timeout: Duration) -> Result<Self, String> {
+    pub fn new(url: &str, limits: StoreLimits, timeout: Duration) -> Result<Self, String> {
         let client = redis::Client::open(url).map_err(|e| format!("attack_detection.store: {e}"))?;
         Ok(Self {
             client,
             limits,
-            hashes,
             timeout,
             script: redis::Script::new(RECORD),
             idle: Mutex::new(Vec::new()),
@@ -165,32 +168,26 @@ fn now_ms() -> u64 {
 }
 
 impl FingerprintStore for RedisStore {
-    fn record(&self, client: &ClientId, fingerprint: &Fingerprint) -> Observation {
-        let now = now_ms();
+    fn record(&self, client: &ClientId, fingerprint: &Fingerprint, thresholds: Thresholds) -> Observation {
         let window_ms = self.limits.window.as_millis().max(1) as u64;
-        let bucket_ms = (window_ms / BUCKETS).max(1);
-        let current = now / bucket_ms;
-        // The current bucket and every earlier one that overlaps the window.
-        let reach = window_ms.div_ceil(bucket_ms);
         let mut invocation = self.script.key(Self::key(client, "d"));
-        for bucket in (current.saturating_sub(reach)..=current).rev() {
-            invocation.key(Self::key(client, &format!("h:{bucket}")));
-        }
-        let ttl_s = (window_ms + bucket_ms).div_ceil(1000);
-        let max_queries = self.limits.max_queries_per_client.max(1);
         invocation
+            .key(Self::key(client, "q"))
             .arg(fingerprint.digest)
-            .arg(now)
+            .arg(now_ms())
             .arg(window_ms)
-            .arg(ttl_s)
-            .arg(max_queries)
-            .arg(max_queries * self.hashes.max(1))
+            .arg(window_ms)
+            .arg(self.limits.max_queries_per_client.max(1))
+            .arg(thresholds.alike)
+            .arg(thresholds.close)
             .arg(&fingerprint.hashes);
-        match self.with_connection(|c| invocation.invoke::<(usize, usize, u8)>(c)) {
-            Ok((matches, window, repeat)) => Observation { matches, window, repeat: repeat == 1 },
+        match self.with_connection(|c| invocation.invoke::<(usize, usize, usize, usize, u8)>(c)) {
+            Ok((matches, alike, close, window, repeat)) => {
+                Observation { matches, alike, close, window, repeat: repeat == 1 }
+            }
             Err(why) => {
                 self.fall_back("record", &why);
-                self.local.record(client, fingerprint)
+                self.local.record(client, fingerprint, thresholds)
             }
         }
     }

@@ -1,20 +1,25 @@
 //! Where each client's recent fingerprints are remembered: the [`FingerprintStore`]
 //! trait and the in-process [`MemoryStore`] (the Redis one is `redis.rs`).
 //!
-//! Blacklight's rule: a query matches when at least `match_threshold` of its N hashes
-//! already appeared among the hashes of the same client's recent queries. The store
-//! answers how many did, then remembers the query. An exact re-send (the same pixel
-//! digest as a query still in the window: a retry) is reported as such and neither
-//! counted nor stored again, so retries never add up to an attack.
+//! The store compares a query with each of the same client's recent queries one by one
+//! (Chen, Carlini & Wagner 2020 count near neighbours the same way) and reports how many
+//! of them share at least the [`Thresholds`]' numbers of hashes with it; the detector
+//! decides from those counts (`detect/mod.rs`), then the query is remembered. Blacklight
+//! compares with the union of the window's hashes instead; with that union, one client
+//! sending a few edited copies of its own photo (re-encodes, resizes) reached the
+//! threshold after four or five of them, so this store counts queries, not hashes. An
+//! exact re-send (the same pixel digest as a query still in the window: a retry) is
+//! reported as such and neither counted nor stored again, so retries never add up to an
+//! attack.
 //!
 //! Bounds of the memory store (all from `[attack_detection]`):
 //! - per client: the queries of the last `window_seconds`, at most
 //!   `max_queries_per_client` of them (the oldest go first);
 //! - clients: at most `max_clients`; a new client beyond that evicts the one seen
 //!   longest ago (with its cooldown);
-//! - so at most `max_clients × max_queries_per_client × hashes` hashes, each costing
-//!   about 28 bytes (8 in the query, about 20 in the client's hash counts): with the
-//!   defaults 1 000 × 100 × 50 × 28 B ≈ 140 MB in the worst case.
+//! - so at most `max_clients × max_queries_per_client × hashes` hashes of 8 bytes, plus
+//!   about 100 bytes per query: with the defaults 1 000 × 100 × (50 × 8 + 100) B ≈ 50 MB
+//!   in the worst case.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -44,11 +49,23 @@ impl std::fmt::Display for ClientId {
     }
 }
 
-/// What the store saw of one query.
+/// Hashes two queries must share to count as alike (`match_threshold`) and as nearly
+/// identical (`close_match_threshold`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Thresholds {
+    pub alike: usize,
+    pub close: usize,
+}
+
+/// What the store saw of one query.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Observation {
-    /// How many of the query's hashes were already among the client's recent ones.
+    /// The most hashes the query shares with one earlier query of the client.
     pub matches: usize,
+    /// Earlier queries sharing at least `Thresholds::alike` hashes with it.
+    pub alike: usize,
+    /// Earlier queries sharing at least `Thresholds::close` hashes with it.
+    pub close: usize,
     /// How many earlier queries of the client it was compared with.
     pub window: usize,
     /// The exact same pixels as a query in the window: a retry, not counted.
@@ -67,8 +84,8 @@ pub struct StoreLimits {
 /// Redis): the caller runs them on the blocking pool. Never fails: a store that cannot
 /// reach its backend answers from a local one (and says so in the log and metrics).
 pub trait FingerprintStore: Send + Sync {
-    /// Compares the query with the client's window, then remembers it.
-    fn record(&self, client: &ClientId, fingerprint: &Fingerprint) -> Observation;
+    /// Compares the query with each query in the client's window, then remembers it.
+    fn record(&self, client: &ClientId, fingerprint: &Fingerprint, thresholds: Thresholds) -> Observation;
     /// The rest of the client's cooldown, if it is in one.
     fn cooldown(&self, client: &ClientId) -> Option<Duration>;
     /// Refuses the client for `duration` from now.
@@ -93,8 +110,6 @@ struct Clients {
 
 struct ClientWindow {
     queries: VecDeque<Query>,
-    /// How many remembered queries hold each hash.
-    counts: HashMap<u64, u32>,
     /// How many remembered queries have each pixel digest.
     digests: HashMap<u64, u32>,
     cooldown_until: Option<Instant>,
@@ -104,6 +119,7 @@ struct ClientWindow {
 struct Query {
     at: Instant,
     digest: u64,
+    /// Sorted (as in [`Fingerprint`]).
     hashes: Box<[u64]>,
 }
 
@@ -113,21 +129,29 @@ impl MemoryStore {
     }
 
     /// `record` at a given time (tests move the clock).
-    pub fn record_at(&self, client: &ClientId, fingerprint: &Fingerprint, now: Instant) -> Observation {
+    pub fn record_at(
+        &self,
+        client: &ClientId,
+        fingerprint: &Fingerprint,
+        thresholds: Thresholds,
+        now: Instant,
+    ) -> Observation {
         let limits = self.limits;
         let mut clients = self.lock();
         let window = clients.touch(client, now, limits.max_clients);
         window.expire(now, limits.window);
         if window.digests.contains_key(&fingerprint.digest) {
-            return Observation { matches: 0, window: window.queries.len(), repeat: true };
+            return Observation { window: window.queries.len(), repeat: true, ..Observation::default() };
         }
-        let matches = fingerprint.hashes.iter().filter(|h| window.counts.contains_key(h)).count();
-        let compared = window.queries.len();
+        let mut observation = Observation { window: window.queries.len(), ..Observation::default() };
+        for query in &window.queries {
+            let shared = fingerprint.hashes.iter().filter(|h| query.hashes.binary_search(h).is_ok()).count();
+            observation.matches = observation.matches.max(shared);
+            observation.alike += usize::from(shared >= thresholds.alike);
+            observation.close += usize::from(shared >= thresholds.close);
+        }
         while window.queries.len() >= limits.max_queries_per_client.max(1) {
             window.forget_oldest();
-        }
-        for hash in &fingerprint.hashes {
-            *window.counts.entry(*hash).or_default() += 1;
         }
         *window.digests.entry(fingerprint.digest).or_default() += 1;
         window.queries.push_back(Query {
@@ -135,7 +159,7 @@ impl MemoryStore {
             digest: fingerprint.digest,
             hashes: fingerprint.hashes.clone().into(),
         });
-        Observation { matches, window: compared, repeat: false }
+        observation
     }
 
     pub fn cooldown_at(&self, client: &ClientId, now: Instant) -> Option<Duration> {
@@ -182,7 +206,6 @@ impl Clients {
         self.recency.insert(stamp, client.clone());
         let window = self.by_id.entry(client.clone()).or_insert_with(|| ClientWindow {
             queries: VecDeque::new(),
-            counts: HashMap::new(),
             digests: HashMap::new(),
             cooldown_until: None,
             seen: stamp,
@@ -201,9 +224,6 @@ impl ClientWindow {
 
     fn forget_oldest(&mut self) {
         let Some(query) = self.queries.pop_front() else { return };
-        for hash in query.hashes.iter() {
-            decrement(&mut self.counts, *hash);
-        }
         decrement(&mut self.digests, query.digest);
     }
 }
@@ -218,8 +238,8 @@ fn decrement(counts: &mut HashMap<u64, u32>, key: u64) {
 }
 
 impl FingerprintStore for MemoryStore {
-    fn record(&self, client: &ClientId, fingerprint: &Fingerprint) -> Observation {
-        self.record_at(client, fingerprint, Instant::now())
+    fn record(&self, client: &ClientId, fingerprint: &Fingerprint, thresholds: Thresholds) -> Observation {
+        self.record_at(client, fingerprint, thresholds, Instant::now())
     }
 
     fn cooldown(&self, client: &ClientId) -> Option<Duration> {
@@ -239,6 +259,8 @@ impl FingerprintStore for MemoryStore {
 mod tests {
     use super::*;
 
+    const RULE: Thresholds = Thresholds { alike: 2, close: 3 };
+
     fn limits() -> StoreLimits {
         StoreLimits { window: Duration::from_secs(60), max_queries_per_client: 4, max_clients: 3 }
     }
@@ -252,15 +274,20 @@ mod tests {
     }
 
     #[test]
-    fn matches_count_the_hashes_seen_in_the_clients_window_only() {
+    fn each_earlier_query_of_the_same_client_is_compared_on_its_own() {
         let store = MemoryStore::new(limits());
         let now = Instant::now();
         let a = client("a");
-        assert_eq!(store.record_at(&a, &print(&[1, 2, 3, 4], 10), now).matches, 0);
-        let second = store.record_at(&a, &print(&[3, 4, 5, 6], 11), now);
-        assert_eq!((second.matches, second.window, second.repeat), (2, 1, false));
-        assert_eq!(store.record_at(&a, &print(&[1, 5, 7, 8], 12), now).matches, 2, "the union of the window");
-        assert_eq!(store.record_at(&client("b"), &print(&[1, 2, 3, 4], 10), now).matches, 0, "per client");
+        assert_eq!(store.record_at(&a, &print(&[1, 2, 3, 4], 10), RULE, now), Observation::default());
+        let second = store.record_at(&a, &print(&[2, 3, 4, 6], 11), RULE, now);
+        assert_eq!(second, Observation { matches: 3, alike: 1, close: 1, window: 1, repeat: false });
+        // Shares 2 with the first and 1 with the second: alike to one, close to none. (The
+        // union of the window would hold 3 of its hashes.)
+        let third = store.record_at(&a, &print(&[1, 4, 7, 8], 12), RULE, now);
+        assert_eq!(third, Observation { matches: 2, alike: 1, close: 0, window: 2, repeat: false });
+        let fourth = store.record_at(&a, &print(&[2, 3, 4, 9], 13), RULE, now);
+        assert_eq!((fourth.matches, fourth.alike, fourth.close), (3, 2, 2));
+        assert_eq!(store.record_at(&client("b"), &print(&[1, 2, 3, 4], 10), RULE, now).matches, 0, "per client");
     }
 
     #[test]
@@ -268,10 +295,10 @@ mod tests {
         let store = MemoryStore::new(limits());
         let now = Instant::now();
         let a = client("a");
-        store.record_at(&a, &print(&[1, 2, 3], 10), now);
+        store.record_at(&a, &print(&[1, 2, 3], 10), RULE, now);
         for _ in 0..30 {
-            let again = store.record_at(&a, &print(&[1, 2, 3], 10), now);
-            assert_eq!((again.matches, again.window, again.repeat), (0, 1, true));
+            let again = store.record_at(&a, &print(&[1, 2, 3], 10), RULE, now);
+            assert_eq!(again, Observation { window: 1, repeat: true, ..Observation::default() });
         }
         assert_eq!(store.size(), (1, 3), "repeats are not stored");
     }
@@ -281,24 +308,24 @@ mod tests {
         let store = MemoryStore::new(limits());
         let start = Instant::now();
         let a = client("a");
-        store.record_at(&a, &print(&[1], 1), start);
+        store.record_at(&a, &print(&[1], 1), RULE, start);
         // Past the time window the old query is gone.
-        assert_eq!(store.record_at(&a, &print(&[1], 2), start + Duration::from_secs(61)).matches, 0);
+        assert_eq!(store.record_at(&a, &print(&[1], 2), RULE, start + Duration::from_secs(61)).matches, 0);
         // At most 4 queries: the fifth pushes out the first.
         let later = start + Duration::from_secs(62);
         for (i, hash) in [10u64, 11, 12, 13].iter().enumerate() {
-            store.record_at(&a, &print(&[*hash], 100 + i as u64), later);
+            store.record_at(&a, &print(&[*hash], 100 + i as u64), RULE, later);
         }
         assert_eq!(store.size(), (1, 4));
-        assert_eq!(store.record_at(&a, &print(&[1], 3), later).matches, 0, "query [1] was pushed out");
+        assert_eq!(store.record_at(&a, &print(&[1], 3), RULE, later).matches, 0, "query [1] was pushed out");
         // Three clients at most: a fourth evicts the least recently seen (b).
-        store.record_at(&client("b"), &print(&[1], 1), later);
-        store.record_at(&client("c"), &print(&[1], 1), later);
-        store.record_at(&a, &print(&[99], 5), later);
-        store.record_at(&client("d"), &print(&[1], 1), later);
+        store.record_at(&client("b"), &print(&[1], 1), RULE, later);
+        store.record_at(&client("c"), &print(&[1], 1), RULE, later);
+        store.record_at(&a, &print(&[99], 5), RULE, later);
+        store.record_at(&client("d"), &print(&[1], 1), RULE, later);
         assert_eq!(store.size().0, 3);
-        assert_eq!(store.record_at(&client("c"), &print(&[1], 9), later).matches, 1, "c kept");
-        assert_eq!(store.record_at(&client("b"), &print(&[1], 9), later).matches, 0, "b evicted");
+        assert_eq!(store.record_at(&client("c"), &print(&[1], 9), RULE, later).matches, 1, "c kept");
+        assert_eq!(store.record_at(&client("b"), &print(&[1], 9), RULE, later).matches, 0, "b evicted");
     }
 
     #[test]
@@ -308,7 +335,7 @@ mod tests {
         let now = Instant::now();
         for i in 0..20_000u64 {
             let hashes: Vec<u64> = (0..50).map(|j| i * 1000 + j).collect();
-            store.record_at(&client(&format!("c{}", i % 500)), &print(&hashes, i), now);
+            store.record_at(&client(&format!("c{}", i % 500)), &print(&hashes, i), RULE, now);
         }
         let (clients, hashes) = store.size();
         assert!(clients <= 100 && hashes <= 100 * 50 * 50, "{clients} clients, {hashes} hashes");

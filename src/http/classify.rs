@@ -133,6 +133,8 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
                 answer.query_attack = Some(QueryAttackReport {
                     detected: verdict.detected,
                     matches: observation.matches,
+                    alike: observation.alike,
+                    close: observation.close,
                     window: observation.window,
                 });
             }
