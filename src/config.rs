@@ -167,6 +167,13 @@ pub struct RuntimeConfig {
     /// processes need, and under contention pandaguard fell to 0.4–0.8× a Python
     /// service's throughput with it on (docs/benchmarks.md).
     pub spin: bool,
+    /// Keep freed activation buffers in ONNX Runtime's CPU arena for the next run. Off:
+    /// every run allocates from, and returns to, the system allocator (see
+    /// docs/benchmarks.md "Memory").
+    pub cpu_arena: bool,
+    /// glibc only: allocations of at least this many bytes get their own mapping, given
+    /// back to the system when freed (0 = glibc's adaptive default); see `runtime.rs`.
+    pub malloc_mmap_threshold: usize,
     /// One CPU arena for every session instead of one each (runs take turns, so one
     /// arena sized by the largest single run is enough); see `runtime.rs`.
     pub shared_arena: bool,
@@ -297,6 +304,8 @@ impl Default for RuntimeConfig {
             intra_op_threads: 0,
             inter_op_threads: 1,
             spin: false,
+            cpu_arena: true,
+            malloc_mmap_threshold: 0,
             shared_arena: true,
             memory_pattern: false,
             max_concurrent_runs: 1,
@@ -624,6 +633,11 @@ impl Config {
         check(self.server.max_connections >= 1, "server.max_connections must be at least 1".into());
         let keys = self.server.load_api_keys();
         check(keys.is_ok(), keys.err().unwrap_or_default());
+        // glibc refuses thresholds above HEAP_MAX_SIZE / 2 (32 MiB on 64-bit).
+        check(
+            self.runtime.malloc_mmap_threshold <= 32 << 20,
+            "runtime.malloc_mmap_threshold must be at most 33554432 (32 MiB; 0 = glibc's default)".into(),
+        );
         let engine = &self.engine;
         check(engine.max_batch_rows >= 1, "engine.max_batch_rows must be at least 1".into());
         check(engine.max_rows_per_request >= 1, "engine.max_rows_per_request must be at least 1".into());

@@ -88,6 +88,7 @@ pub fn environment(config: &RuntimeConfig) -> Result<&'static Environment, Runti
     if let Some(env) = ENVIRONMENT.get() {
         return Ok(env);
     }
+    set_malloc_mmap_threshold(config.malloc_mmap_threshold);
     let path = locate_library(config)?;
     let builder =
         ort::init_from(&path).map_err(|e| RuntimeError::Load { path: path.clone(), message: e.to_string() })?;
@@ -103,17 +104,43 @@ pub fn environment(config: &RuntimeConfig) -> Result<&'static Environment, Runti
         .with_global_thread_pool(pool)
         .build()
         .map_err(|e| RuntimeError::Environment(e.to_string()))?;
-    if config.shared_arena {
+    if config.cpu_arena && config.shared_arena {
         register_shared_arena(&env)?;
     }
     tracing::info!(
         library = %path.display(),
         intra_op_threads = threads,
         spin = config.spin,
-        shared_arena = config.shared_arena,
+        cpu_arena = config.cpu_arena,
+        shared_arena = config.cpu_arena && config.shared_arena,
         "ONNX Runtime loaded"
     );
     Ok(ENVIRONMENT.get_or_init(|| env))
+}
+
+/// Asks glibc to give every allocation of at least `bytes` a mapping of its own, which
+/// goes back to the system when freed (0: leave glibc's default). By default glibc raises
+/// this threshold to the largest block freed so far (up to 32 MiB); after the first run,
+/// a run's activation buffers (1–80 MB each) then come from heaps that stay at their
+/// peak size. With `runtime.cpu_arena = false` and 256 KiB here, the resident memory
+/// falls back to about the models' weights after each run (docs/benchmarks.md "Memory").
+/// Called once, before ONNX Runtime starts its threads.
+fn set_malloc_mmap_threshold(bytes: usize) {
+    if bytes == 0 {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let value = i32::try_from(bytes).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only changes a tuning parameter of the allocator; it returns 0
+        // when the value is refused, and then glibc's default stays.
+        let accepted = unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, value) };
+        if accepted == 0 {
+            tracing::warn!(bytes, "glibc refused runtime.malloc_mmap_threshold; its default stays");
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    tracing::info!(bytes, "runtime.malloc_mmap_threshold applies to glibc only; ignored here");
 }
 
 /// Registers one CPU arena allocator on the environment for every session to use

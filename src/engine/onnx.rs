@@ -9,10 +9,12 @@ use ort::value::TensorRef;
 
 use super::BatchRunner;
 
-/// How a session allocates: the environment's shared arena or its own, and whether
-/// ONNX Runtime plans memory patterns (`runtime.shared_arena`, `runtime.memory_pattern`).
+/// How a session allocates: from an arena (the environment's shared one or its own) or
+/// straight from the system allocator, and whether ONNX Runtime plans memory patterns
+/// (`runtime.cpu_arena`, `runtime.shared_arena`, `runtime.memory_pattern`).
 #[derive(Debug, Clone, Copy)]
 pub struct SessionMemory {
+    pub arena: bool,
     pub shared_arena: bool,
     pub pattern: bool,
 }
@@ -39,7 +41,13 @@ impl OnnxRunner {
         let session = Session::builder(environment)
             .and_then(|b| b.with_optimization_level(GraphOptimizationLevel::All).map_err(Into::into))
             .and_then(|b| b.with_memory_pattern(memory.pattern).map_err(Into::into))
-            .and_then(|b| if memory.shared_arena { b.with_env_allocators().map_err(Into::into) } else { Ok(b) })
+            .and_then(|b| match (memory.arena, memory.shared_arena) {
+                (false, _) => b
+                    .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
+                    .map_err(Into::into),
+                (true, true) => b.with_env_allocators().map_err(Into::into),
+                (true, false) => Ok(b),
+            })
             .and_then(|mut b| b.commit_from_file(path))
             .map_err(|e| format!("cannot load {}: {e}", path.display()))?;
         let Some(input) = session.inputs().first() else {

@@ -152,7 +152,11 @@ fn load_model(
     let input_name = card.input.name.clone();
     let chw = [3, card.input.height as usize, card.input.width as usize];
     let output_len = card.num_classes;
-    let memory = SessionMemory { shared_arena: config.runtime.shared_arena, pattern: config.runtime.memory_pattern };
+    let memory = SessionMemory {
+        arena: config.runtime.cpu_arena,
+        shared_arena: config.runtime.shared_arena,
+        pattern: config.runtime.memory_pattern,
+    };
     let engine =
         Engine::start(options, move || OnnxRunner::load(environment, &path, &input_name, chw, output_len, memory))
             .map_err(|e| LoadError::Engine { model: name.to_string(), message: e.to_string() })?;
