@@ -286,6 +286,10 @@ struct AttackArgs {
     /// With --adaptive: switch key every N accepted queries too (0: only when refused).
     #[arg(long, default_value_t = 0)]
     rotate_every: usize,
+    /// With --adaptive: when every key is in its cooldown, wait up to this many seconds
+    /// for the first to be free (the server's Retry-After), else stop.
+    #[arg(long, default_value_t = 60)]
+    max_wait: u64,
 }
 
 impl AttackArgs {
@@ -318,6 +322,7 @@ impl AttackArgs {
             api_keys: self.api_keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect(),
             adaptive: self.adaptive,
             rotate_every: self.rotate_every,
+            max_wait: std::time::Duration::from_secs(self.max_wait),
         })
     }
 }

@@ -16,12 +16,15 @@
 //! - **Larger steps.** [`Oracle::pressure`] grows with the refusals; attacks that read it
 //!   (HopSkipJump) scale their probe radius and step size by it.
 //! - **Queries spread across identities**: a refused identity is in its cooldown, so the
-//!   next query goes out under the next one, and optionally every `rotate_every`
-//!   accepted queries anyway so that no identity's window fills with near-duplicates.
+//!   next query goes out under the next one that is not ([`Identities::cooldown_left`]);
+//!   when all are, the attacker waits for the first to be free (up to `max_wait`).
+//!   Optionally it also switches every `rotate_every` accepted queries.
 //!
 //! Every request counts, refused ones too: the adapter stops with
 //! [`OracleError::Exhausted`] when `max_requests` are spent, and with the refusal itself
 //! after `max_consecutive_refusals` refusals in a row (every identity cooling down).
+
+use std::time::Duration;
 
 use rand::rngs::Xoshiro256PlusPlus;
 use rand::{RngExt, SeedableRng};
@@ -35,6 +38,11 @@ pub trait Identities {
     fn identities(&self) -> usize;
     /// Sends the next requests under the next identity (round robin).
     fn switch_identity(&mut self);
+    /// How long the current identity is still refused (the cooldown the server
+    /// announced with its refusal); zero when it is not.
+    fn cooldown_left(&self) -> Duration {
+        Duration::ZERO
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +63,9 @@ pub struct EvasionConfig {
     pub rotate_every: usize,
     /// Give up after this many refusals in a row.
     pub max_consecutive_refusals: usize,
+    /// When every identity is cooling down: wait for the first one to be free if that
+    /// takes at most this long (a patient attacker), else give up.
+    pub max_wait: Duration,
     pub seed: u64,
 }
 
@@ -63,12 +74,13 @@ impl EvasionConfig {
         Self {
             max_requests,
             initial_noise: 0.0,
-            first_noise: 2.0 / 255.0,
+            first_noise: 4.0 / 255.0,
             noise_growth: 2.0,
             max_noise: 32.0 / 255.0,
             max_pressure: 8.0,
             rotate_every: 0,
             max_consecutive_refusals: 12,
+            max_wait: Duration::from_secs(60),
             seed,
         }
     }
@@ -86,6 +98,8 @@ pub struct EvasionStats {
     pub switches: usize,
     /// σ at the end.
     pub noise: f32,
+    /// Time spent waiting for an identity's cooldown to end.
+    pub waited: Duration,
 }
 
 pub struct Evasive<'a, O: Oracle + Identities> {
@@ -109,6 +123,33 @@ impl<'a, O: Oracle + Identities> Evasive<'a, O> {
         self.inner.switch_identity();
         self.stats.switches += 1;
         self.accepted_since_switch = 0;
+    }
+
+    /// Moves to the next identity that is not cooling down; when all are, to the one
+    /// free soonest, after waiting for it (up to `max_wait`, else the refusal stands).
+    fn next_free_identity(&mut self, refusal: String) -> Result<(), OracleError> {
+        let count = self.inner.identities().max(1);
+        let (mut soonest, mut soonest_at) = (Duration::MAX, 0);
+        for step in 1..=count {
+            self.switch();
+            let left = self.inner.cooldown_left();
+            if left.is_zero() {
+                return Ok(());
+            }
+            if left < soonest {
+                (soonest, soonest_at) = (left, step % count);
+            }
+        }
+        // Back where the loop started (count switches); on to the soonest free one.
+        if soonest > self.config.max_wait {
+            return Err(OracleError::Detected(refusal));
+        }
+        for _ in 0..soonest_at {
+            self.switch();
+        }
+        std::thread::sleep(soonest);
+        self.stats.waited += soonest;
+        Ok(())
     }
 
     /// `image` under a fresh random transform of magnitude σ (unchanged at σ = 0).
@@ -154,7 +195,7 @@ impl<'a, O: Oracle + Identities> Evasive<'a, O> {
                     if refused_in_a_row >= self.config.max_consecutive_refusals {
                         return Err(OracleError::Detected(message));
                     }
-                    self.switch();
+                    self.next_free_identity(message)?;
                 }
                 Err(e) => return Err(e),
             }
@@ -242,6 +283,9 @@ mod tests {
         }
         fn switch_identity(&mut self) {
             self.current = (self.current + 1) % self.identities;
+        }
+        fn cooldown_left(&self) -> Duration {
+            if self.cooling[self.current] { Duration::from_secs(3600) } else { Duration::ZERO }
         }
     }
 

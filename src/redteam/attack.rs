@@ -81,6 +81,8 @@ pub struct AttackOptions {
     /// With `adaptive`: switch identity every this many accepted queries too (0: only
     /// when refused).
     pub rotate_every: usize,
+    /// With `adaptive`: the longest wait for a cooling identity before giving up.
+    pub max_wait: Duration,
 }
 
 /// One label as reported.
@@ -142,6 +144,8 @@ pub struct AttackReport {
     /// Identities (API keys) the attack could switch between, and how often it did.
     pub identities: usize,
     pub identity_switches: usize,
+    /// Seconds the adaptive attacker waited for cooldowns to end.
+    pub waited_seconds: f64,
 }
 
 /// Who the attack talks to.
@@ -240,12 +244,12 @@ pub fn run(
             let answer = if against_raw { Answer::Raw } else { Answer::Defended };
             let params = vec![("defense".to_string(), defense.clone()), ("model".to_string(), model_name.clone())];
             let check = vec![("defense".to_string(), check_defense.clone()), ("model".to_string(), model_name.clone())];
-            // The final check asks as the last identity: with several keys, the attack's
-            // own refusals (if any) were most likely under the others.
-            let keys = options.api_keys.clone();
-            let checker = HttpService::new(url, check, Answer::Defended, labels.len())
-                .with_keys(keys.clone())
-                .with_identity(keys.len().saturating_sub(1));
+            // With several keys the last one judges and never attacks: the judge is a
+            // client the detector has not seen sending near-duplicates (the attack's
+            // keys may all be refused by the end, which says nothing about the image).
+            let mut keys = options.api_keys.clone();
+            let judge = if keys.len() >= 2 { keys.split_off(keys.len() - 1) } else { keys.clone() };
+            let checker = HttpService::new(url, check, Answer::Defended, labels.len()).with_keys(judge);
             let oracle = HttpService::new(url, params, answer, labels.len()).with_keys(keys);
             let oracle = if options.fixed_noise { oracle.with_seeds(fixed) } else { oracle };
             (Attacked::Http(oracle), Checker::Http(checker))
@@ -261,6 +265,7 @@ pub fn run(
             (Attacked::Http(http), true) => {
                 let config = EvasionConfig {
                     rotate_every: options.rotate_every,
+                    max_wait: options.max_wait,
                     // The clean look and the search share the budget.
                     ..EvasionConfig::new(options.queries + 1, options.seed)
                 };
@@ -429,6 +434,7 @@ pub fn run(
         adaptive: options.adaptive,
         identities: counts.identities,
         identity_switches: counts.switches,
+        waited_seconds: evasion.as_ref().map_or(0.0, |e| e.waited.as_secs_f64()),
     })
 }
 
@@ -498,6 +504,7 @@ fn stopped_report(
         adaptive: options.adaptive,
         identities: counts.identities,
         identity_switches: counts.switches,
+        waited_seconds: stop.evasion.as_ref().map_or(0.0, |e| e.waited.as_secs_f64()),
     }
 }
 

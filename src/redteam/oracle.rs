@@ -270,6 +270,8 @@ pub struct HttpService {
     pub refusals: usize,
     /// The 1-based number of the first refused request.
     pub first_refusal: Option<usize>,
+    /// Per key: until when the server refuses it (its `Retry-After` after a refusal).
+    cooling_until: Vec<Option<Instant>>,
 }
 
 /// The most classes `/classify` lists.
@@ -295,12 +297,14 @@ impl HttpService {
             key: 0,
             refusals: 0,
             first_refusal: None,
+            cooling_until: Vec::new(),
         }
     }
 
     /// Sends `Authorization: Bearer KEY` with the first of `keys`; the others are the
     /// identities [`Identities::switch_identity`] moves through.
     pub fn with_keys(mut self, keys: Vec<String>) -> Self {
+        self.cooling_until = vec![None; keys.len().max(1)];
         self.keys = keys;
         self.key = 0;
         self
@@ -406,6 +410,10 @@ impl HttpService {
         if detected {
             self.refusals += 1;
             self.first_refusal.get_or_insert(self.queries);
+            if self.cooling_until.len() <= self.key {
+                self.cooling_until.resize(self.key + 1, None);
+            }
+            self.cooling_until[self.key] = Some(Instant::now() + retry_after);
             return Err((OracleError::Detected(message), retry_after));
         }
         let error = match status.as_u16() {
@@ -452,6 +460,14 @@ impl Identities for HttpService {
 
     fn switch_identity(&mut self) {
         self.key = (self.key + 1) % self.keys.len().max(1);
+    }
+
+    fn cooldown_left(&self) -> Duration {
+        self.cooling_until
+            .get(self.key)
+            .copied()
+            .flatten()
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()))
     }
 }
 
