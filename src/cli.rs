@@ -64,7 +64,7 @@ enum Command {
     /// Measure clean and adversarial accuracy of the raw model and defense presets
     /// on labelled photos; writes report.json and report.md.
     Evaluate(EvaluateArgs),
-    /// Attack one photo (Square or NES, optionally with EOT; or white-box PGD / APGD
+    /// Attack one photo (Square, NES or HopSkipJump, optionally with EOT; or white-box PGD / APGD
     /// with gradients of the served ONNX files) against the raw model, a
     /// defended preset in-process, or a running server (`--url`); writes the adversarial
     /// PNG at the model's input size and prints one JSON line.
@@ -148,7 +148,8 @@ struct EvaluateArgs {
     /// Also set the squeeze threshold on clean variants (5% false positives).
     #[arg(long)]
     calibrate: bool,
-    /// square / nes attack the raw model (transfer); square-eot / nes-eot attack
+    /// square / nes / hsja attack the raw model (transfer; hsja is decision-based,
+    /// success within ε); square-eot / nes-eot attack
     /// each preset's pipeline itself with EOT (adaptive); pgd / apgd-ce / apgd-dlr are
     /// white-box (gradients through a copy of each preset, EOT), worst case per photo.
     #[arg(long, value_delimiter = ',', default_value = "square,square-eot")]
@@ -272,6 +273,23 @@ struct AttackArgs {
     /// Raw model (default: the configured or served default).
     #[arg(long)]
     model: Option<String>,
+    /// API keys for --url, comma-separated (sent as `Authorization: Bearer`); with
+    /// --adaptive each key is one client identity.
+    #[arg(long, value_delimiter = ',', env = "PANDAGUARD_ATTACK_API_KEYS", hide_env_values = true)]
+    api_keys: Vec<String>,
+    /// Evade a server's query-attack detection (OARS-style): on a 429
+    /// `query_attack_detected`, switch to the next key, send queries with random noise
+    /// of growing magnitude and take larger steps; refused requests count against
+    /// --queries. Needs --url.
+    #[arg(long)]
+    adaptive: bool,
+    /// With --adaptive: switch key every N accepted queries too (0: only when refused).
+    #[arg(long, default_value_t = 0)]
+    rotate_every: usize,
+    /// With --adaptive: when every key is in its cooldown, wait up to this many seconds
+    /// for the first to be free (the server's Retry-After), else stop.
+    #[arg(long, default_value_t = 60)]
+    max_wait: u64,
 }
 
 impl AttackArgs {
@@ -288,6 +306,7 @@ impl AttackArgs {
             method: match self.method {
                 MethodArg::Square => Method::Square,
                 MethodArg::Nes => Method::Nes,
+                MethodArg::Hsja => Method::Hsja,
                 MethodArg::Pgd => Method::Pgd,
                 MethodArg::ApgdCe => Method::ApgdCe,
                 MethodArg::ApgdDlr => Method::ApgdDlr,
@@ -300,6 +319,10 @@ impl AttackArgs {
             p_init: self.p_init,
             fixed_noise: self.fixed_noise,
             model: self.model,
+            api_keys: self.api_keys.into_iter().map(|k| k.trim().to_string()).filter(|k| !k.is_empty()).collect(),
+            adaptive: self.adaptive,
+            rotate_every: self.rotate_every,
+            max_wait: std::time::Duration::from_secs(self.max_wait),
         })
     }
 }
@@ -314,6 +337,9 @@ enum NormArg {
 enum MethodArg {
     Square,
     Nes,
+    /// HopSkipJump: decision-based (top-1 answers only), untargeted; --eps is the
+    /// distance that counts as success.
+    Hsja,
     /// White-box PGD (cross-entropy, then margin loss) with EOT; --queries = steps.
     Pgd,
     /// White-box APGD on the cross-entropy (AutoAttack's step-size schedule).

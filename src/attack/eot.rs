@@ -48,6 +48,10 @@ impl<'a> Eot<'a> {
 }
 
 impl Oracle for Eot<'_> {
+    fn pressure(&self) -> f32 {
+        self.inner.pressure()
+    }
+
     /// One inner batch per call: the images in order, each repeated `draws` times in a row.
     fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError> {
         let draws = self.draws;

@@ -1,6 +1,7 @@
 //! Adversarial attacks.
 //!
-//! Owns: the attacks (Square, NES, EOT), what they share (the [`Oracle`] they query,
+//! Owns: the attacks (Square, NES, HopSkipJump, EOT, the OARS-style evasive adapter),
+//! what they share (the [`Oracle`] they query,
 //! the threat model [`Norm`], the [`Goal`], the margin loss, the search state, input
 //! validation, [`AttackOutcome`]) and the errors they end with. Must not import:
 //! `http`, the pipeline, the engine — an attack only sees an oracle.
@@ -14,7 +15,9 @@ use crate::imaging::ModelImage;
 
 pub mod eot;
 pub mod gradient;
+pub mod hsja;
 pub mod nes;
+pub mod oars;
 pub mod pgd;
 pub mod square;
 pub mod surrogate;
@@ -29,6 +32,14 @@ pub(crate) const CHANNELS: usize = 3;
 /// only needs an order-preserving score; use log-softmax when the oracle gives probabilities).
 pub trait Oracle {
     fn scores(&mut self, images: &[ModelImage]) -> Result<Vec<Vec<f32>>, OracleError>;
+
+    /// How hard the attacked system pushes back, ≥ 1 (1: not at all). An adapter that
+    /// evades a stateful detector ([`oars::Evasive`]) raises it after refusals; attacks
+    /// that can (HopSkipJump) scale their probe and step sizes by it, so that their
+    /// queries stop looking like near-duplicates of each other.
+    fn pressure(&self) -> f32 {
+        1.0
+    }
 }
 
 /// Why an oracle gave no scores. The kinds matter to an attacker: an overloaded
@@ -44,6 +55,14 @@ pub enum OracleError {
     /// It could not be reached, failed, or answered something unusable.
     #[error("{0}")]
     Failed(String),
+    /// A stateful detector refused the query as part of a query attack (429
+    /// `query_attack_detected`): this client is refused for a cooldown.
+    #[error("the attacked system detected a query attack: {0}")]
+    Detected(String),
+    /// The oracle's own request budget is spent (refused requests count too): the
+    /// attack should stop and return what it has.
+    #[error("query budget exhausted: {0}")]
+    Exhausted(String),
 }
 
 /// Why an attack stopped without an outcome.
@@ -79,7 +98,9 @@ pub struct AttackOutcome {
     pub success: bool,
     /// Images the oracle was shown.
     pub queries: usize,
-    /// Margin loss of `adversarial` (see [`margin`]).
+    /// Margin loss of `adversarial` (see [`margin`]). A decision-based attack
+    /// (HopSkipJump) has no scores: there it is the distance reached minus ε in the
+    /// attack's norm (negative on success; +∞ when no misclassified point was found).
     pub margin: f32,
     /// Measured ‖adversarial − image‖∞.
     pub linf: f32,

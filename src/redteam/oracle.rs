@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::api::{ClassifyResponse, ErrorResponse, ModelsResponse};
+use crate::attack::oars::Identities;
 use crate::attack::{Oracle, OracleError};
 use crate::imaging::ModelImage;
 use crate::model::LoadedModel;
@@ -245,7 +246,10 @@ impl Oracle for DefendedPipeline {
 /// client seeds (`defense.allow_client_seed = false`) can be attacked too;
 /// [`HttpService::with_seeds`] sends seeds (e.g. fixed noise). A 503 (overloaded,
 /// not ready) is asked again after its `Retry-After`, a few times, as a patient
-/// attacker would.
+/// attacker would. A 429 `query_attack_detected` (the stateful detector) is
+/// [`OracleError::Detected`]: counted, never retried here (see [`crate::attack::oars`]).
+/// With API keys, requests carry `Authorization: Bearer` of the current one; several
+/// keys are the attacker's identities ([`Identities`]).
 pub struct HttpService {
     agent: ureq::Agent,
     classify_url: String,
@@ -255,10 +259,19 @@ pub struct HttpService {
     classes: usize,
     /// `None`: the service draws the noise.
     seeds: Option<Seeds>,
-    /// Requests sent so far (retries included).
+    /// Requests sent so far (retries and refused ones included).
     pub queries: usize,
     /// Time spent waiting for the server.
     pub elapsed: Duration,
+    /// API keys (empty: none sent) and the index of the one in use.
+    keys: Vec<String>,
+    key: usize,
+    /// Requests refused as part of a query attack (429 `query_attack_detected`).
+    pub refusals: usize,
+    /// The 1-based number of the first refused request.
+    pub first_refusal: Option<usize>,
+    /// Per key: until when the server refuses it (its `Retry-After` after a refusal).
+    cooling_until: Vec<Option<Instant>>,
 }
 
 /// The most classes `/classify` lists.
@@ -271,7 +284,36 @@ impl HttpService {
     /// `base_url` like `http://host:8080`; `classes` from the model card (`GET /models`).
     pub fn new(base_url: &str, params: Vec<(String, String)>, answer: Answer, classes: usize) -> Self {
         let classify_url = format!("{}/classify", base_url.trim_end_matches('/'));
-        Self { agent: agent(), classify_url, params, answer, classes, seeds: None, queries: 0, elapsed: Duration::ZERO }
+        Self {
+            agent: agent(),
+            classify_url,
+            params,
+            answer,
+            classes,
+            seeds: None,
+            queries: 0,
+            elapsed: Duration::ZERO,
+            keys: Vec::new(),
+            key: 0,
+            refusals: 0,
+            first_refusal: None,
+            cooling_until: Vec::new(),
+        }
+    }
+
+    /// Sends `Authorization: Bearer KEY` with the first of `keys`; the others are the
+    /// identities [`Identities::switch_identity`] moves through.
+    pub fn with_keys(mut self, keys: Vec<String>) -> Self {
+        self.cooling_until = vec![None; keys.len().max(1)];
+        self.keys = keys;
+        self.key = 0;
+        self
+    }
+
+    /// Starts with the `index`-th key (mod their number).
+    pub fn with_identity(mut self, index: usize) -> Self {
+        self.key = index % self.keys.len().max(1);
+        self
     }
 
     /// Sends the seeds `seeds` gives instead of leaving the noise to the service.
@@ -288,11 +330,15 @@ impl HttpService {
         }
     }
 
-    /// The model cards the server lists (`GET /models`).
-    pub fn models(base_url: &str) -> Result<ModelsResponse, OracleError> {
+    /// The model cards the server lists (`GET /models`), with an API key when given.
+    pub fn models(base_url: &str, key: Option<&str>) -> Result<ModelsResponse, OracleError> {
         let url = format!("{}/models", base_url.trim_end_matches('/'));
         let failed = |e: &dyn std::fmt::Display| OracleError::Failed(format!("GET {url}: {e}"));
-        let mut response = agent().get(&url).call().map_err(|e| failed(&e))?;
+        let mut request = agent().get(&url);
+        if let Some(key) = key {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
+        let mut response = request.call().map_err(|e| failed(&e))?;
         let text = response.body_mut().read_to_string().map_err(|e| failed(&e))?;
         if !response.status().is_success() {
             return Err(failed(&format!("{}: {text}", response.status())));
@@ -334,6 +380,9 @@ impl HttpService {
         if let Some(seed) = seed {
             request = request.query("seed", seed.to_string());
         }
+        if let Some(key) = self.keys.get(self.key) {
+            request = request.header("authorization", format!("Bearer {key}"));
+        }
         let mut response = request
             .query("top_k", HTTP_TOP_K.to_string())
             .header("content-type", "image/png")
@@ -352,9 +401,21 @@ impl HttpService {
         if status.is_success() {
             return serde_json::from_str(&text).map_err(|e| failed(&format!("unexpected answer: {e}")));
         }
-        let message = serde_json::from_str::<ErrorResponse>(&text)
+        let parsed = serde_json::from_str::<ErrorResponse>(&text).ok();
+        let detected =
+            status.as_u16() == 429 && parsed.as_ref().is_some_and(|e| e.error.code == "query_attack_detected");
+        let message = parsed
             .map(|e| format!("{status} {}: {}", e.error.code, e.error.message))
-            .unwrap_or_else(|_| format!("{status}: {text}"));
+            .unwrap_or_else(|| format!("{status}: {text}"));
+        if detected {
+            self.refusals += 1;
+            self.first_refusal.get_or_insert(self.queries);
+            if self.cooling_until.len() <= self.key {
+                self.cooling_until.resize(self.key + 1, None);
+            }
+            self.cooling_until[self.key] = Some(Instant::now() + retry_after);
+            return Err((OracleError::Detected(message), retry_after));
+        }
         let error = match status.as_u16() {
             503 => OracleError::Overloaded(message),
             400..=499 => OracleError::Refused(message),
@@ -390,6 +451,24 @@ fn agent() -> ureq::Agent {
         .http_status_as_error(false)
         .build()
         .new_agent()
+}
+
+impl Identities for HttpService {
+    fn identities(&self) -> usize {
+        self.keys.len().max(1)
+    }
+
+    fn switch_identity(&mut self) {
+        self.key = (self.key + 1) % self.keys.len().max(1);
+    }
+
+    fn cooldown_left(&self) -> Duration {
+        self.cooling_until
+            .get(self.key)
+            .copied()
+            .flatten()
+            .map_or(Duration::ZERO, |until| until.saturating_duration_since(Instant::now()))
+    }
 }
 
 impl Oracle for HttpService {

@@ -95,6 +95,8 @@ pub enum AttackKind {
     SquareEot,
     /// NES on the defended pipeline, EOT-averaged.
     NesEot,
+    /// HopSkipJump (decision-based, L∞) on the raw model, its result sent to the defenses.
+    Hsja,
 }
 
 impl AttackKind {
@@ -104,7 +106,10 @@ impl AttackKind {
             "nes" => Ok(Self::Nes),
             "square-eot" => Ok(Self::SquareEot),
             "nes-eot" => Ok(Self::NesEot),
-            other => Err(RedTeamError::Invalid(format!("unknown attack {other:?} (square, nes, square-eot, nes-eot)"))),
+            "hsja" => Ok(Self::Hsja),
+            other => {
+                Err(RedTeamError::Invalid(format!("unknown attack {other:?} (square, nes, hsja, square-eot, nes-eot)")))
+            }
         }
     }
 
@@ -114,6 +119,7 @@ impl AttackKind {
             Self::Nes => "nes",
             Self::SquareEot => "square-eot",
             Self::NesEot => "nes-eot",
+            Self::Hsja => "hsja",
         }
     }
 
@@ -302,6 +308,10 @@ fn run_attack(
         AttackKind::Nes | AttackKind::NesEot => {
             let config = NesConfig::new(Norm::Linf, epsilon, queries, seed);
             nes_attack(oracle, image, goal, &config, &mut |_, _| {})?
+        }
+        AttackKind::Hsja => {
+            let config = crate::attack::hsja::HsjaConfig::new(Norm::Linf, epsilon, queries, seed);
+            crate::attack::hsja::hsja_attack(oracle, image, goal, &config, &mut |_, _| {})?
         }
     })
 }

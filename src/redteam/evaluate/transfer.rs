@@ -56,7 +56,8 @@ pub(super) fn run(
                     None,
                     options.p_init,
                 )?;
-                if k == 0 {
+                // HopSkipJump's answer may lie outside the ε-ball: never a warm start then.
+                if k == 0 && (kind != AttackKind::Hsja || outcome.success) {
                     transfer_images[e][index] = Some(outcome.adversarial.clone());
                 }
                 if outcome.success {
