@@ -96,6 +96,7 @@ $(PEER_STAMP): benches/python_peer/requirements.txt
 bench: setup build $(PEER_STAMP)
 	$(CARGO) bench --locked --bench throughput
 	$(CARGO) bench --locked --bench fingerprint
+	$(CARGO) bench --locked --bench int8
 	$(CARGO) bench --locked --bench http_load
 
 lint:
