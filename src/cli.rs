@@ -532,14 +532,15 @@ async fn classify(config: Config, pairs: &[(String, String)], images: &[PathBuf]
     };
     let config = Arc::new(config);
     // Only the models this request needs: the raw model, plus the models a defense
-    // that reads `models` may use (the named ones, else every configured model).
+    // that reads `models` may use (the named ones, else every configured model of the
+    // preset's precision).
     let raw = params.model.clone().unwrap_or_else(|| config.models.default.clone());
     let mut names = vec![raw];
     let reads_models =
         params.defense.defenses.iter().filter_map(|d| defenses.get(d)).any(|d| d.parameters().contains(&"models"));
     if reads_models {
-        let members = if params.defense.models.is_empty() { &config.models.load } else { &params.defense.models };
-        names.extend(members.iter().filter(|m| !names.contains(m)).cloned().collect::<Vec<_>>());
+        let members = params.defense.ensemble_members(config.models.load.iter().map(String::as_str));
+        names.extend(members.into_iter().filter(|m| !names.contains(m)).collect::<Vec<_>>());
     }
     let loader_config = Arc::clone(&config);
     let registry = match tokio::task::spawn_blocking(move || ModelRegistry::load_only(&loader_config, &names)).await {

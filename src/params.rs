@@ -91,6 +91,12 @@ pub enum ParamProblem {
     UnknownModel { value: String, known: Vec<String> },
     #[error("{value} has other classes than {raw}")]
     IncompatibleModel { value: String, raw: String },
+    #[error(
+        "the ensemble combines the loaded {precision} models and none is loaded (loaded: {}); add them to \
+         models.load (int8 variants are named <model>-int8) or name members with `models`",
+        loaded.join(", ")
+    )]
+    NoModelsOfPrecision { precision: String, loaded: Vec<String> },
     #[error("{value:?} is neither a preset ({}) nor a defense ({})", presets.join(", "), defenses.join(", "))]
     UnknownDefense { value: String, presets: Vec<String>, defenses: Vec<String> },
     #[error("no defense of this request reads it (defenses: {})", if defenses.is_empty() { "none".to_string() } else { defenses.join(", ") })]

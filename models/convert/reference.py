@@ -12,7 +12,7 @@
 
 Usage:
   reference.py logits   --model M --input IN.bin --shape N,3,224,224 --output OUT.bin [--threads T]
-  reference.py accuracy --model models/efficientnet-lite0.toml --images testdata/imagenet
+  reference.py accuracy --model models/efficientnet-lite0.toml --images testdata/imagenet [--int8]
   reference.py bench    --model M --batch B --threads T --iters K
 """
 
@@ -68,7 +68,13 @@ def cmd_logits(args):
 
 
 def preprocess(path, input_spec):
-    """Image file -> CHW float32 array, exactly as the model card's [input] table says.
+    """Image file -> CHW float32 array (preprocess_image)."""
+    with Image.open(path) as image:
+        return preprocess_image(image.convert("RGB"), input_spec)
+
+
+def preprocess_image(image, input_spec):
+    """RGB PIL image -> CHW float32 array, exactly as the model card's [input] table says.
 
     An image of exactly size x size is used as it is. Otherwise the shorter side is resized
     (bilinear) to floor(size / crop_fraction), the longer side proportionally (rounded), and
@@ -80,8 +86,6 @@ def preprocess(path, input_spec):
             or input_spec["color"] != "RGB":
         sys.exit(f"unsupported [input] settings: {input_spec}")
 
-    with Image.open(path) as image:
-        image = image.convert("RGB")
     if image.size != (size, size):
         width, height = image.size
         shorter = math.floor(size / input_spec["crop_fraction"])
@@ -108,6 +112,11 @@ def cmd_accuracy(args):
 
     batch = np.stack([preprocess(args.images / file, card["input"]) for file, _ in samples])
     logits = run(make_session(args.model, args.threads), batch)
+    if args.int8:
+        # The card's [int8] variant, compared with the fp32 model on the same inputs.
+        fp32_top1 = logits.argmax(axis=1)
+        logits = run(make_session(args.model.parent / card["int8"]["file"], args.threads), batch)
+        card = dict(card, name=card["name"] + "-int8")
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     probabilities = shifted / shifted.sum(axis=1, keepdims=True)
 
@@ -124,6 +133,9 @@ def cmd_accuracy(args):
               f"predicted {best:>3} {labels[best]!r} ({probs[best]:.3f})")
     print(f"top1 = {top1}/{len(samples)} = {top1 / len(samples):.2f}")
     print(f"top5 = {top5}/{len(samples)} = {top5 / len(samples):.2f}")
+    if args.int8:
+        agree = int((probabilities.argmax(axis=1) == fp32_top1).sum())
+        print(f"top1 agreement with fp32 = {agree}/{len(samples)} = {agree / len(samples):.2f}")
 
 
 def cmd_bench(args):
@@ -158,6 +170,7 @@ def main():
     accuracy.add_argument("--model", type=Path, required=True, help="model card (.toml)")
     accuracy.add_argument("--images", type=Path, required=True, help="directory with labels.csv")
     accuracy.add_argument("--threads", type=int, default=1)
+    accuracy.add_argument("--int8", action="store_true", help="the card's [int8] variant, and its agreement with fp32")
     accuracy.set_defaults(func=cmd_accuracy)
 
     bench = commands.add_parser("bench", help="median inference latency")

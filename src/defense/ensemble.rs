@@ -59,11 +59,13 @@ impl Defense for Ensemble {
 
     fn start(&self, request: &Request<'_>) -> Result<Box<dyn DefenseRun>, DefenseError> {
         let settings = request.settings;
-        let names: Vec<String> = if settings.models.is_empty() {
-            request.registry.names().map(str::to_string).collect()
-        } else {
-            settings.models.clone()
-        };
+        let names = settings.ensemble_members(request.registry.names());
+        if names.is_empty() {
+            return Err(DefenseError::NoMembers {
+                precision: settings.precision,
+                loaded: request.registry.names().map(str::to_string).collect(),
+            });
+        }
         let raw = request.raw;
         // The raw model first when it is a member (its noise stream is 0), then the
         // others in the order named.

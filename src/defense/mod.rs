@@ -176,6 +176,13 @@ pub enum DefenseError {
     UnknownModel { parameter: &'static str, name: String, known: Vec<String> },
     #[error("{name} has other classes than {raw}")]
     IncompatibleModel { parameter: &'static str, name: String, raw: String },
+    /// An ensemble of every loaded model of a precision, with none of them loaded.
+    #[error(
+        "the ensemble combines the loaded {precision} models and none is loaded (loaded: {}); add them to \
+         models.load (int8 variants are named <model>-int8)",
+        loaded.join(", ")
+    )]
+    NoMembers { precision: crate::model::Precision, loaded: Vec<String> },
     #[error(transparent)]
     Resize(#[from] ResizeError),
     /// A defense asked for the image of a model it did not name in `models()`.

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::Defenses;
+use crate::model::Precision;
 
 /// The key of content-derived seeds. Its `Debug` form is redacted, so printing the
 /// configuration never writes it to a log.
@@ -70,11 +71,25 @@ pub struct DefenseSettings {
     pub blur_sigma: f32,
     /// blur: median filter radius (1 = 3×3).
     pub median_radius: u32,
-    /// ensemble: models to combine (empty = every loaded model).
+    /// ensemble: models to combine (empty = every loaded model of `precision`).
     pub models: Vec<String>,
+    /// ensemble with `models` empty: combine every loaded fp32 model (`fp32`) or every
+    /// loaded int8 variant (`int8`, the models named `<model>-int8`).
+    pub precision: Precision,
     /// ensemble: noisy views (the smoothing noise, `sigma`) each member classifies
     /// besides its plain view: sampling the image space and the classifier space.
     pub ensemble_samples: u32,
+}
+
+impl DefenseSettings {
+    /// The models an ensemble combines: `models` when it names any, else every loaded
+    /// model of `precision`, in the order given.
+    pub fn ensemble_members<'a>(&self, loaded: impl IntoIterator<Item = &'a str>) -> Vec<String> {
+        if !self.models.is_empty() {
+            return self.models.clone();
+        }
+        loaded.into_iter().filter(|name| Precision::of_model(name) == self.precision).map(str::to_string).collect()
+    }
 }
 
 impl Default for DefenseSettings {
@@ -92,6 +107,7 @@ impl Default for DefenseSettings {
             blur_sigma: 1.0,
             median_radius: 1,
             models: Vec::new(),
+            precision: Precision::Fp32,
             ensemble_samples: 8,
         }
     }
@@ -163,6 +179,24 @@ impl Default for DefenseConfig {
             (
                 "default".to_string(),
                 DefenseSettings { defenses: list(&["ensemble"]), ensemble_samples: 16, ..base.clone() },
+            ),
+            (
+                "fast-int8".to_string(),
+                DefenseSettings {
+                    defenses: list(&["ensemble"]),
+                    ensemble_samples: 0,
+                    precision: Precision::Int8,
+                    ..base.clone()
+                },
+            ),
+            (
+                "default-int8".to_string(),
+                DefenseSettings {
+                    defenses: list(&["ensemble"]),
+                    ensemble_samples: 16,
+                    precision: Precision::Int8,
+                    ..base.clone()
+                },
             ),
             (
                 "strong".to_string(),

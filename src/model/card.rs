@@ -27,6 +27,56 @@ pub struct ModelCard {
     pub output: OutputSpec,
     #[serde(default)]
     pub accuracy: Option<Accuracy>,
+    /// The int8 variant of this model (`[int8]`), loadable as `<name>-int8`.
+    #[serde(default)]
+    pub int8: Option<Int8Variant>,
+}
+
+/// Names ending in this are the int8 variant of the model named by the rest: their
+/// card is the `[int8]` table of that model's card, never a file of their own.
+pub const INT8_SUFFIX: &str = "-int8";
+
+/// Whether a model is the float model of its card or the card's int8 variant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    Fp32,
+    Int8,
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Precision::Fp32 => "fp32",
+            Precision::Int8 => "int8",
+        })
+    }
+}
+
+impl Precision {
+    /// Read from the model's name: `<model>-int8` is an int8 variant.
+    pub fn of_model(name: &str) -> Self {
+        if name.ends_with(INT8_SUFFIX) { Precision::Int8 } else { Precision::Fp32 }
+    }
+}
+
+/// `[int8]`: the same model quantized to int8 by `models/convert/quantize.py`
+/// (static QDQ quantization). Input, output, labels and license are the card's.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Int8Variant {
+    /// ONNX file, relative to the models folder.
+    pub file: String,
+    /// Hex sha256 of the ONNX file, checked at load like the fp32 file's.
+    pub sha256: String,
+    /// How it was quantized (method, calibration set, types).
+    pub quantization: String,
+    /// Fraction of the sample photos whose top-1 class equals the fp32 model's.
+    #[serde(default)]
+    pub top1_agreement: Option<f64>,
+    #[serde(default)]
+    pub accuracy: Option<Accuracy>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -100,6 +150,7 @@ impl OutputKind {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Accuracy {
     pub dataset: String,
     pub images: usize,
@@ -121,8 +172,16 @@ impl ModelCard {
         models_dir.join(format!("{name}.toml"))
     }
 
-    /// Reads and checks `models_dir/<name>.toml`.
+    /// Reads and checks `models_dir/<name>.toml`; for `<model>-int8`, the card of
+    /// `<model>` turned into its int8 variant's card.
     pub fn load(models_dir: &Path, name: &str) -> Result<Self, CardError> {
+        match name.strip_suffix(INT8_SUFFIX) {
+            Some(float_name) => Self::load_file(models_dir, float_name)?.int8_variant(models_dir),
+            None => Self::load_file(models_dir, name),
+        }
+    }
+
+    fn load_file(models_dir: &Path, name: &str) -> Result<Self, CardError> {
         let path = Self::card_path(models_dir, name);
         let text = std::fs::read_to_string(&path)
             .map_err(|e| CardError::Read { path: path.clone(), message: e.to_string() })?;
@@ -132,7 +191,41 @@ impl ModelCard {
         Ok(card)
     }
 
+    /// The card of `<name>-int8`: this model with the `[int8]` table's file, checksum
+    /// and accuracy.
+    fn int8_variant(self, models_dir: &Path) -> Result<Self, CardError> {
+        let Some(int8) = self.int8.clone() else {
+            return Err(CardError::Invalid {
+                path: Self::card_path(models_dir, &self.name),
+                message: format!(
+                    "has no [int8] table, so there is no model {}{INT8_SUFFIX} (run models/convert/quantize.py \
+                     and record its file and sha256 there)",
+                    self.name
+                ),
+            });
+        };
+        Ok(ModelCard {
+            name: format!("{}{INT8_SUFFIX}", self.name),
+            description: format!("{} (int8: {})", self.description, int8.quantization),
+            file: int8.file,
+            sha256: int8.sha256,
+            accuracy: int8.accuracy,
+            int8: None,
+            ..self
+        })
+    }
+
+    pub fn precision(&self) -> Precision {
+        Precision::of_model(&self.name)
+    }
+
     fn check(&self) -> Result<(), String> {
+        if self.name.ends_with(INT8_SUFFIX) {
+            return Err(format!(
+                "name {:?} ends in {INT8_SUFFIX:?}, which is kept for the [int8] variants of other cards",
+                self.name
+            ));
+        }
         let input = &self.input;
         if input.layout != "NCHW" {
             return Err(format!("input.layout {:?} is not supported (only NCHW)", input.layout));

@@ -8,6 +8,9 @@ mod card;
 mod labels;
 mod registry;
 
-pub use card::{Accuracy, CardError, InputSpec, Interpolation, ModelCard, OutputKind, OutputSpec, ResizePolicy};
+pub use card::{
+    Accuracy, CardError, INT8_SUFFIX, InputSpec, Int8Variant, Interpolation, ModelCard, OutputKind, OutputSpec,
+    Precision, ResizePolicy,
+};
 pub use labels::{Labels, LabelsError};
 pub use registry::{LoadError, LoadedModel, ModelRegistry, sha256_file};

@@ -455,6 +455,10 @@ fn defense_param_error(error: DefenseError) -> PipelineError {
         DefenseError::IncompatibleModel { parameter, name, raw } => {
             ParamError::new(parameter, ParamProblem::IncompatibleModel { value: name, raw }).into()
         }
+        DefenseError::NoMembers { precision, loaded } => {
+            ParamError::new("defense", ParamProblem::NoModelsOfPrecision { precision: precision.to_string(), loaded })
+                .into()
+        }
         other => PipelineError::Defense(other),
     }
 }

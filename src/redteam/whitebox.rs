@@ -227,11 +227,13 @@ fn ensemble_members(
     raw: &Arc<LoadedModel>,
     registry: &crate::model::ModelRegistry,
 ) -> Result<Vec<Arc<LoadedModel>>, RedTeamError> {
-    let names: Vec<String> = if settings.models.is_empty() {
-        registry.names().map(str::to_string).collect()
-    } else {
-        settings.models.clone()
-    };
+    let names = settings.ensemble_members(registry.names());
+    if names.is_empty() {
+        return Err(RedTeamError::Invalid(format!(
+            "the ensemble combines the loaded {} models and none is loaded",
+            settings.precision
+        )));
+    }
     let mut members = Vec::new();
     if names.contains(&raw.card.name) {
         members.push(Arc::clone(raw));
