@@ -11,7 +11,8 @@
 # window or cooldown): Square, NES and HopSkipJump from one key on 5 photos, then the
 # adaptive attacker (--adaptive: noise that grows after each refusal, 5 keys rotated)
 # with Square and HopSkipJump on 3 photos. One JSON line per run goes to
-# target/probe/<mode>.jsonl, and a summary is printed. Needs the release binary
+# target/probe/<mode>.jsonl, and a summary is printed. PROBE_QUICK=1: one photo, no
+# adaptive runs. Needs the release binary
 # (`make build`) and, for `lb`, nginx and redis-server (`make nginx redis`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -71,11 +72,16 @@ attack() {  # photo, method, keys, extra args...
 }
 photos=(testdata/imagenet/imagenet_00_*.jpg testdata/imagenet/imagenet_05_*.jpg testdata/imagenet/imagenet_07_*.jpg
         testdata/imagenet/imagenet_10_*.jpg testdata/imagenet/imagenet_15_*.jpg)
+[ -n "${PROBE_QUICK:-}" ] && photos=("${photos[0]}")
 for photo in "${photos[@]}"; do
   for method in square nes hsja; do next_keys 1; attack "$photo" $method "$keys"; done
 done
-for photo in "${photos[@]:0:3}"; do
+[ -n "${PROBE_QUICK:-}" ] || for photo in "${photos[@]:0:3}"; do
   for method in square hsja; do next_keys 5; attack "$photo" $method "$keys" --adaptive --max-wait 70; done
+done
+# Who answered: /classify requests in each replica's access log.
+for log in "$scratch"/replica-*.log; do
+  echo "$(basename "$log" .log): $(grep -c '"path":"/classify"' "$log") /classify requests answered"
 done
 
 python3 - "$results" "$mode" <<'EOF'

@@ -315,7 +315,7 @@ impl Default for RuntimeConfig {
 
 impl Default for EngineConfig {
     fn default() -> Self {
-        Self { max_batch_rows: 32, max_wait_ms: 0, queue_capacity_rows: 512, max_rows_per_request: 256, warmup: true }
+        Self { max_batch_rows: 16, max_wait_ms: 0, queue_capacity_rows: 512, max_rows_per_request: 256, warmup: true }
     }
 }
 
