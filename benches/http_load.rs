@@ -276,6 +276,8 @@ impl Server {
         let port = free_port();
         let mut command = Command::new(binary);
         command.args(["serve", "--config", "config/default.toml", "--bind", &format!("127.0.0.1:{port}")]);
+        // The bench's own setting, not a configuration key (the server refuses unknown keys).
+        command.env_remove("PANDAGUARD_BIN");
         if with_int8 {
             // The shipped config loads the fp32 models only; `default-int8` needs their
             // int8 variants too.
@@ -655,7 +657,9 @@ impl Machine {
             commit.push_str(" (modified)");
         }
         let mut overrides: Vec<String> = std::env::vars()
-            .filter(|(k, _)| (k.starts_with("PANDAGUARD_") && k != SPIN_ENV) || k.starts_with("PEER_"))
+            .filter(|(k, _)| {
+                (k.starts_with("PANDAGUARD_") && k != SPIN_ENV && k != "PANDAGUARD_BIN") || k.starts_with("PEER_")
+            })
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         overrides.sort();
