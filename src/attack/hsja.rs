@@ -326,18 +326,7 @@ fn search(decisions: &mut Decisions<'_>, original: &[f32], config: &HsjaConfig, 
                 }
                 gradient.iter().map(|&g| (f64::from(g) / n) as f32).collect::<Vec<_>>()
             }
-            Norm::Linf => gradient
-                .iter()
-                .map(|&g| {
-                    if g > 0.0 {
-                        1.0
-                    } else if g < 0.0 {
-                        -1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect(),
+            Norm::Linf => gradient.iter().map(|&g| super::pgd::sign(g)).collect(),
         };
         // Geometric step search: start at dist/√t, halve until still misclassified. A
         // step too small to change the point (below f32 resolution) gives up on this

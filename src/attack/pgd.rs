@@ -178,7 +178,8 @@ impl State<'_> {
     }
 }
 
-fn sign(g: f32) -> f32 {
+/// −1, 0 or 1 (`f32::signum` gives 1 for 0, which would move pixels with no gradient).
+pub(crate) fn sign(g: f32) -> f32 {
     if g > 0.0 {
         1.0
     } else if g < 0.0 {
