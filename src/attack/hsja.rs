@@ -166,16 +166,7 @@ impl Decisions<'_> {
 /// Answers an attack cannot read (fewer than two classes, the true class out of range,
 /// NaN) are refused.
 fn top1(scores: &[f32], true_class: usize) -> Result<usize, AttackError> {
-    let bad = |message: String| Err(AttackError::BadAnswer(message));
-    if scores.len() < 2 {
-        return bad(format!("the oracle returned {} score(s); an attack needs at least 2 classes", scores.len()));
-    }
-    if true_class >= scores.len() {
-        return bad(format!("class {true_class} is out of range for an oracle with {} classes", scores.len()));
-    }
-    if scores.iter().any(|s| s.is_nan()) {
-        return bad("the oracle returned a NaN score".to_string());
-    }
+    super::check_scores(scores, true_class)?;
     let mut best = 0;
     for (k, &s) in scores.iter().enumerate() {
         if s > scores[best] {

@@ -263,13 +263,9 @@ pub fn margin(goal: &Goal, scores: &[f32]) -> f32 {
     if high == low { 0.0 } else { high - low }
 }
 
-/// [`margin`] for an oracle's answer, refusing answers an attack cannot use: fewer than
-/// two classes, a class index out of range, NaN scores.
-pub fn checked_margin(goal: &Goal, scores: &[f32]) -> Result<f32, AttackError> {
-    let class = match *goal {
-        Goal::Untargeted { true_class } => true_class,
-        Goal::Targeted { target } => target,
-    };
+/// Refuses answers an attack cannot read: fewer than two classes, `class` out of range,
+/// a NaN score.
+pub(crate) fn check_scores(scores: &[f32], class: usize) -> Result<(), AttackError> {
     let bad = |message: String| Err(AttackError::BadAnswer(message));
     if scores.len() < 2 {
         return bad(format!("the oracle returned {} score(s); an attack needs at least 2 classes", scores.len()));
@@ -280,6 +276,17 @@ pub fn checked_margin(goal: &Goal, scores: &[f32]) -> Result<f32, AttackError> {
     if scores.iter().any(|s| s.is_nan()) {
         return bad("the oracle returned a NaN score".to_string());
     }
+    Ok(())
+}
+
+/// [`margin`] for an oracle's answer, refusing answers an attack cannot use
+/// ([`check_scores`]).
+pub fn checked_margin(goal: &Goal, scores: &[f32]) -> Result<f32, AttackError> {
+    let class = match *goal {
+        Goal::Untargeted { true_class } => true_class,
+        Goal::Targeted { target } => target,
+    };
+    check_scores(scores, class)?;
     Ok(margin(goal, scores))
 }
 
