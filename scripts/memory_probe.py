@@ -3,6 +3,8 @@
 
   python3 scripts/memory_probe.py PORT [PANDAGUARD_ENGINE__MAX_BATCH_ROWS=16 ...]
 
+PROBE_BIN picks the server binary (default target/release/pandaguard), to compare builds.
+
 Prints VmRSS after start-up (warm-up included), VmHWM (peak) and VmRSS at the end, and
 req/s per phase: `default` at 4 and 16 clients, `none` at 4. Run variants one after the
 other, alternating, and compare within one run: req/s here is noisy.
@@ -12,7 +14,8 @@ import concurrent.futures as cf, json, os, subprocess, sys, time, urllib.request
 port = int(sys.argv[1]); overrides = dict(a.split('=', 1) for a in sys.argv[2:])
 root = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 env = dict(os.environ, PANDAGUARD_SERVER__DRAIN_DELAY_MS='0', PANDAGUARD_LOG='warn', **overrides)
-server = subprocess.Popen([os.path.join(root, 'target/release/pandaguard'), 'serve', '--bind', f'127.0.0.1:{port}'],
+binary = os.environ.get('PROBE_BIN', os.path.join(root, 'target/release/pandaguard'))
+server = subprocess.Popen([binary, 'serve', '--bind', f'127.0.0.1:{port}'],
                           env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
@@ -46,7 +49,8 @@ for preset, n, clients in [('default', 24, 4), ('default', 32, 16), ('none', 100
     started = time.time()
     with cf.ThreadPoolExecutor(clients) as pool:
         codes = list(pool.map(lambda _: send(preset), range(n)))
-    phases[f'{preset}/c{clients}'] = {'req_s': round(n / (time.time() - started), 1), 'statuses': sorted(set(codes))}
-print(json.dumps({'settings': overrides, 'rss_after_start_mib': ready, 'peak_mib': status('VmHWM'),
+    phases[f'{preset}/c{clients}'] = {'req_s': round(n / (time.time() - started), 1),
+                                      'statuses': {c: codes.count(c) for c in sorted(set(codes))}}
+print(json.dumps({'binary': binary, 'settings': overrides, 'rss_after_start_mib': ready, 'peak_mib': status('VmHWM'),
                   'rss_end_mib': status('VmRSS'), 'phases': phases}))
 server.terminate(); server.wait()

@@ -8,6 +8,7 @@ use image::RgbImage;
 
 use super::DefenseError;
 use super::smooth::{self, NoiseLevel};
+use crate::engine::Rows;
 use crate::imaging::{ModelImage, ResizeError, fit_to_input};
 use crate::model::LoadedModel;
 
@@ -82,7 +83,7 @@ impl RowRange {
 /// One model's rows of a round: normalized model inputs back to back.
 pub struct ModelBatch {
     pub model: Arc<LoadedModel>,
-    pub rows: Vec<f32>,
+    pub rows: Rows,
     pub count: usize,
     /// The row of the plain (unmodified) view, when some defense asked for it.
     plain: Option<usize>,
@@ -99,13 +100,7 @@ impl Views {
         if let Some(slot) = self.batches.iter().position(|b| Arc::ptr_eq(&b.model, model)) {
             return slot;
         }
-        let capacity = model.card.row_len();
-        self.batches.push(ModelBatch {
-            model: Arc::clone(model),
-            rows: Vec::with_capacity(capacity),
-            count: 0,
-            plain: None,
-        });
+        self.batches.push(ModelBatch { model: Arc::clone(model), rows: Rows::new(), count: 0, plain: None });
         self.batches.len() - 1
     }
 
@@ -124,7 +119,8 @@ impl Views {
         if let Some(start) = self.batches[slot].plain {
             return Ok(RowRange { slot, start, len: 1 });
         }
-        source.base(model)?.push_normalized(&model.card.input, &mut self.batches[slot].rows);
+        let base = source.base(model)?;
+        self.batches[slot].rows.push_full_with(|rows| base.push_normalized(&model.card.input, rows));
         let range = self.grow(slot, 1);
         self.batches[slot].plain = Some(range.start);
         Ok(range)
@@ -133,15 +129,22 @@ impl Views {
     /// Appends views (already at `model`'s input size).
     pub fn push(&mut self, model: &Arc<LoadedModel>, views: &[ModelImage]) -> RowRange {
         let slot = self.slot(model);
-        for view in views {
-            view.push_normalized(&model.card.input, &mut self.batches[slot].rows);
-        }
+        self.batches[slot].rows.push_full_with(|rows| {
+            for view in views {
+                view.push_normalized(&model.card.input, rows);
+            }
+        });
         self.grow(slot, views.len())
     }
 
     /// Appends `count` noisy views of `model`'s base image, numbered from `first`
     /// in the request's noise stream (so rows do not depend on how they are split in
     /// rounds, and the same seed always gives the same rows).
+    ///
+    /// They wait in the engine queue at half precision (most of a busy server's
+    /// memory is queued noisy rows). The rounding, far below a pixel step, happens
+    /// after the noise is drawn: it is part of the base classifier the noise is fed
+    /// to, so smoothing's certificate (which holds for any base classifier) stands.
     pub fn push_noise(
         &mut self,
         source: &Source,
@@ -153,7 +156,16 @@ impl Views {
         let base = source.base(model)?;
         let slot = self.slot(model);
         let noise = noise.seeded(source.seed);
-        smooth::push_noisy_rows(base, &model.card.input, noise, first, count, &mut self.batches[slot].rows);
+        // A few rows at a time (one per core), so the f32 draft stays small.
+        let group = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let mut draft = Vec::with_capacity(group * base.data.len());
+        self.batches[slot].rows.reserve_half(count * base.data.len());
+        for start in (0..count).step_by(group) {
+            let rows = group.min(count - start);
+            draft.clear();
+            smooth::push_noisy_rows(base, &model.card.input, noise, first + start as u64, rows, &mut draft);
+            self.batches[slot].rows.push_half(&draft);
+        }
         Ok(self.grow(slot, count))
     }
 

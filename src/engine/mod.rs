@@ -14,6 +14,7 @@
 //! floats for one session and knows nothing of what they mean.
 
 mod onnx;
+mod rows;
 mod worker;
 
 use std::collections::VecDeque;
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 
 pub use onnx::{OnnxRunner, SessionMemory};
+pub use rows::Rows;
 
 /// Something that turns a batch of rows into a batch of outputs; in production an
 /// ONNX Runtime session (`OnnxRunner`). Owned by exactly one worker thread.
@@ -166,6 +168,8 @@ pub enum EngineError {
     TooManyRows { model: String, rows: usize, max: usize },
     #[error("input has {got} floats, expected {expected}")]
     BadInput { got: usize, expected: usize },
+    #[error("input parts are not whole rows of {row_len} floats")]
+    RaggedRows { row_len: usize },
     #[error("deadline passed while waiting in the queue")]
     DeadlineExceeded,
     /// Shed before running: behind the rows ahead of it, at the measured cost per row,
@@ -185,7 +189,7 @@ type Reply = oneshot::Sender<Result<EngineOutput, EngineError>>;
 
 /// One request's rows while they wait and run.
 struct Job {
-    input: Vec<f32>,
+    input: Rows,
     rows: usize,
     /// Rows already handed to a batch.
     next_row: usize,
@@ -399,7 +403,7 @@ impl Engine {
     /// outputs; dropping it withdraws the rows that have not run yet.
     pub fn submit(
         &self,
-        input: Vec<f32>,
+        input: impl Into<Rows>,
         rows: usize,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Result<EngineOutput, EngineError>>, EngineError> {
@@ -412,13 +416,17 @@ impl Engine {
     pub fn submit_reserved(
         &self,
         reservation: &mut Reservation,
-        input: Vec<f32>,
+        input: impl Into<Rows>,
         rows: usize,
         deadline: Instant,
     ) -> Result<oneshot::Receiver<Result<EngineOutput, EngineError>>, EngineError> {
+        let input = input.into();
         let options = &self.shared.options;
         if rows == 0 || input.len() != rows * options.row_len {
             return Err(EngineError::BadInput { got: input.len(), expected: rows.max(1) * options.row_len });
+        }
+        if !input.rows_align(options.row_len) {
+            return Err(EngineError::RaggedRows { row_len: options.row_len });
         }
         if !Arc::ptr_eq(&reservation.shared, &self.shared) {
             return Err(EngineError::BadInput { got: rows, expected: 0 });
@@ -466,7 +474,12 @@ impl Engine {
     }
 
     /// Submits and waits. Dropping the future cancels the rows that have not run.
-    pub async fn infer(&self, input: Vec<f32>, rows: usize, deadline: Instant) -> Result<EngineOutput, EngineError> {
+    pub async fn infer(
+        &self,
+        input: impl Into<Rows>,
+        rows: usize,
+        deadline: Instant,
+    ) -> Result<EngineOutput, EngineError> {
         let receiver = self.submit(input, rows, deadline)?;
         match receiver.await {
             Ok(result) => result,

@@ -300,3 +300,27 @@ async fn a_job_is_late_behind_another_engines_queue_at_the_same_gate() {
     assert!(ahead.await.unwrap().is_ok());
     assert_eq!(a.queued_rows() + b.queued_rows(), 0);
 }
+
+/// Rows kept partly at half precision reach the runner in order, widened, whether a
+/// batch takes them whole, split, or mixed with another request's; a request whose
+/// rows do not split into whole rows per part is refused.
+#[tokio::test]
+async fn half_precision_rows_are_widened_in_order_across_batches() {
+    let (engine, batches) = start(options(3, 64), Duration::from_millis(5));
+    let mut mixed = Rows::new();
+    mixed.push_full_with(|v| v.extend(rows_from(1.0, 1)));
+    mixed.push_half(&rows_from(2.0, 3)); // 2, 3, 4: exact at half precision
+    mixed.push_full_with(|v| v.extend(rows_from(5.0, 1)));
+    let other = engine.infer(rows_from(100.0, 2), 2, later(5000));
+    let out = engine.infer(mixed, 5, later(5000));
+    let (other, out) = tokio::join!(other, out);
+    let firsts = |o: &EngineOutput| o.outputs.chunks(2).map(|row| row[0]).collect::<Vec<f32>>();
+    assert_eq!(firsts(&out.unwrap()), [1.0, 2.0, 3.0, 4.0, 5.0]);
+    assert_eq!(firsts(&other.unwrap()), [100.0, 101.0]);
+    assert!(batches.lock().unwrap().iter().all(|&rows| rows <= 3));
+
+    let mut ragged = Rows::new();
+    ragged.push_half(&[1.0, 2.0]); // half a row, then a row and a half
+    ragged.push_full_with(|v| v.extend([3.0, 4.0, 5.0, 6.0, 7.0, 8.0]));
+    assert!(matches!(engine.submit(ragged, 2, later(5000)), Err(EngineError::RaggedRows { row_len: 4 })));
+}

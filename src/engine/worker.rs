@@ -58,18 +58,23 @@ pub(super) fn run<R: BatchRunner>(shared: &Arc<Shared>, mut runner: R) {
             active[segment.job].started_at.get_or_insert(started);
         }
 
-        // A batch that is a slice of one request runs straight from its buffer.
-        let input: &[f32] = if let [only] = segments.as_slice() {
-            let job = &active[only.job];
-            &job.input[only.first_row * options.row_len..(only.first_row + only.rows) * options.row_len]
-        } else {
-            batch_input.clear();
-            for segment in &segments {
-                let job = &active[segment.job];
-                let range = segment.first_row * options.row_len..(segment.first_row + segment.rows) * options.row_len;
-                batch_input.extend_from_slice(&job.input[range]);
+        // A batch that is a slice of one request's full-precision rows runs straight
+        // from its buffer; anything else is gathered (and widened) into `batch_input`.
+        let row_len = options.row_len;
+        let span = |segment: &Segment| segment.first_row * row_len..(segment.first_row + segment.rows) * row_len;
+        let lent = match segments.as_slice() {
+            [only] => active[only.job].input.contiguous(span(only)),
+            _ => None,
+        };
+        let input: &[f32] = match lent {
+            Some(rows) => rows,
+            None => {
+                batch_input.clear();
+                for segment in &segments {
+                    active[segment.job].input.write(span(segment), &mut batch_input);
+                }
+                &batch_input
             }
-            &batch_input
         };
 
         let result = catch_unwind(AssertUnwindSafe(|| runner.run(input, rows)))

@@ -160,6 +160,7 @@ impl From<EngineError> for ApiError {
             EngineError::DeadlineExceeded
             | EngineError::TooManyRows { .. }
             | EngineError::BadInput { .. }
+            | EngineError::RaggedRows { .. }
             | EngineError::Inference(_)
             | EngineError::Start(_) => ApiError::Internal(error.to_string()),
         }
