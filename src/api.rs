@@ -197,8 +197,11 @@ pub struct InfoPreset {
     pub name: String,
     pub defenses: Vec<String>,
     /// Model rows the preset runs per image with the default model (first round: smoothing
-    /// may add rounds).
+    /// may add rounds); null when it cannot run here.
     pub rows: Option<usize>,
+    /// Why a request naming this preset would be refused here (e.g. its models are not
+    /// loaded); null when it runs.
+    pub unavailable: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]

@@ -272,6 +272,29 @@ async fn models_health_metrics_and_openapi_endpoints() {
     }
 }
 
+/// `/info` tells the page which presets run here: a preset whose models are not loaded
+/// (the int8 ones, with the shipped `[models] load`) says why instead of counting rows,
+/// and a request naming it is refused with that reason.
+#[tokio::test]
+async fn info_marks_presets_whose_models_are_not_loaded() {
+    let info: Value = client().get(SERVER.url("/info")).send().await.unwrap().json().await.unwrap();
+    let presets = info["presets"].as_array().expect("presets");
+    let preset = |name: &str| presets.iter().find(|p| p["name"] == name).unwrap_or_else(|| panic!("no preset {name}"));
+    assert_eq!(preset("none")["rows"], 1);
+    assert!(preset("none")["unavailable"].is_null());
+    let int8 = preset("fast-int8");
+    assert!(int8["rows"].is_null());
+    let reason = int8["unavailable"].as_str().expect("a reason");
+    assert!(reason.contains("int8"), "reason {reason:?} does not name the missing model");
+    for p in presets {
+        assert_ne!(p["rows"].is_null(), p["unavailable"].is_null(), "preset {p}: exactly one of rows/unavailable");
+    }
+    let (image, _) = thatch();
+    let refused = post(&SERVER.url("/classify?defense=fast-int8"), None, image).await;
+    let error = expect_error(refused, StatusCode::UNPROCESSABLE_ENTITY, "invalid_parameter").await;
+    assert!(error.error.message.contains("int8"), "{}", error.error.message);
+}
+
 /// The OpenAPI document lists exactly the query parameters the parser accepts: every
 /// documented one is known to the server (a value for it is never refused as an
 /// unknown parameter) and nothing else is.

@@ -64,11 +64,15 @@ pub async fn info(State(state): State<AppState>) -> Result<Json<InfoResponse>, A
         .presets
         .iter()
         .map(|(name, preset)| {
-            let rows = pipeline
+            let planned = pipeline
                 .params([("defense", name.as_str())])
-                .ok()
-                .and_then(|params| pipeline.first_round_rows(&params).ok());
-            InfoPreset { name: name.clone(), defenses: preset.defenses.clone(), rows }
+                .map_err(|e| e.to_string())
+                .and_then(|params| pipeline.first_round_rows(&params).map_err(|e| e.to_string()));
+            let (rows, unavailable) = match planned {
+                Ok(rows) => (Some(rows), None),
+                Err(reason) => (None, Some(reason)),
+            };
+            InfoPreset { name: name.clone(), defenses: preset.defenses.clone(), rows, unavailable }
         })
         .collect();
     let mut content_types: Vec<String> = RAW_IMAGE_TYPES.iter().map(|t| t.to_string()).collect();
