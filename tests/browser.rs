@@ -251,6 +251,14 @@ fn the_page_shows_the_apis_answer_and_a_wrong_key_shows_the_401() {
     // request from a plain HTTP client, one after the other on the same server.
     let shown_trip = driver.run("return document.getElementById('status-detail').textContent;", json!([]));
     let (answer, curl_time) = api_answer(&open, None);
+    // Presets whose models are not loaded (the int8 ones here) are listed but cannot be picked.
+    let presets = driver.run(
+        "const p = document.getElementById('preset');
+         return [p.value, [...p.options].filter(o => o.disabled).map(o => o.value)];",
+        json!([]),
+    );
+    assert_eq!(presets[0], json!("default"), "the default preset is selected");
+    assert_eq!(presets[1], json!(["default-int8", "fast-int8"]), "greyed-out presets");
     assert_eq!(raw, answer.raw.class_id as u64, "raw label shown");
     assert_eq!(defended, answer.defended.class_id.map(|c| c as u64), "defended label shown ({shown})");
     eprintln!(
