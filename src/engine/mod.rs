@@ -59,53 +59,75 @@ pub struct EngineOptions {
 /// calling thread on top of the pool and oversubscribe the CPU, so by default runs
 /// take turns and each gets every core.
 ///
+/// Small runs are the exception: a run of a row or two splits poorly across the pool's
+/// threads, so two such runs (of different models: `fast` sends one row to each of
+/// three) share a turn. Each large run weighs a full permit, each small run half of
+/// one (`small_rows`: most rows a run may have to count as small; 0 = none).
+///
 /// Turns are first come, first served (a ticket queue): a worker that has just run
 /// queues behind the workers already waiting, so busy engines alternate batch by batch
 /// and none starves. That makes waits predictable, and the gate knows the engines
 /// behind it so a worker can estimate how long its rows wait ([`RunGate::wait_for`]).
 pub struct RunGate {
     permits: usize,
+    small_rows: usize,
     turns: Mutex<Turns>,
     changed: Condvar,
     members: Mutex<Vec<Weak<Shared>>>,
 }
 
-/// Tickets handed out and runs finished: ticket `t` may run once `t < finished + permits`.
+/// Tickets handed out, the ticket that may start next, and the half-permits in use.
 #[derive(Default)]
 struct Turns {
     issued: u64,
-    finished: u64,
+    next: u64,
+    halves_in_use: usize,
 }
 
 impl std::fmt::Debug for RunGate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunGate").field("permits", &self.permits).finish_non_exhaustive()
+        f.debug_struct("RunGate")
+            .field("permits", &self.permits)
+            .field("small_rows", &self.small_rows)
+            .finish_non_exhaustive()
     }
 }
 
 impl RunGate {
     pub fn new(permits: usize) -> Self {
+        Self::with_small_runs(permits, 0)
+    }
+
+    /// A gate on which runs of at most `small_rows` rows take half a permit.
+    pub fn with_small_runs(permits: usize, small_rows: usize) -> Self {
         Self {
             permits: permits.max(1),
+            small_rows,
             turns: Mutex::new(Turns::default()),
             changed: Condvar::new(),
             members: Mutex::new(Vec::new()),
         }
     }
 
-    /// How many runs may be in flight at once.
+    /// How many (large) runs may be in flight at once.
     pub fn permits(&self) -> usize {
         self.permits
     }
 
-    fn acquire(&self) -> RunPermit<'_> {
+    /// Waits for the turn of a run of `rows` rows.
+    fn acquire(&self, rows: usize) -> RunPermit<'_> {
+        let halves = if rows <= self.small_rows { 1 } else { 2 };
         let mut turns = self.turns.lock().unwrap_or_else(|p| p.into_inner());
         let ticket = turns.issued;
         turns.issued += 1;
-        while ticket >= turns.finished + self.permits as u64 {
+        while ticket != turns.next || turns.halves_in_use + halves > 2 * self.permits {
             turns = self.changed.wait(turns).unwrap_or_else(|p| p.into_inner());
         }
-        RunPermit { gate: self }
+        turns.next += 1;
+        turns.halves_in_use += halves;
+        // The next ticket may fit beside this run.
+        self.changed.notify_all();
+        RunPermit { gate: self, halves }
     }
 
     fn join(&self, engine: &Arc<Shared>) {
@@ -139,11 +161,14 @@ impl RunGate {
 
 struct RunPermit<'a> {
     gate: &'a RunGate,
+    halves: usize,
 }
 
 impl Drop for RunPermit<'_> {
     fn drop(&mut self) {
-        self.gate.turns.lock().unwrap_or_else(|p| p.into_inner()).finished += 1;
+        let mut turns = self.gate.turns.lock().unwrap_or_else(|p| p.into_inner());
+        turns.halves_in_use = turns.halves_in_use.saturating_sub(self.halves);
+        drop(turns);
         self.gate.changed.notify_all();
     }
 }

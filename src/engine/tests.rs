@@ -324,3 +324,46 @@ async fn half_precision_rows_are_widened_in_order_across_batches() {
     ragged.push_full_with(|v| v.extend([3.0, 4.0, 5.0, 6.0, 7.0, 8.0]));
     assert!(matches!(engine.submit(ragged, 2, later(5000)), Err(EngineError::RaggedRows { row_len: 4 })));
 }
+
+/// Records when each of its runs started and ended.
+struct TimedRunner {
+    runs: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    delay: Duration,
+}
+
+impl BatchRunner for TimedRunner {
+    fn run(&mut self, _input: &[f32], rows: usize) -> Result<Vec<f32>, String> {
+        let started = Instant::now();
+        std::thread::sleep(self.delay);
+        self.runs.lock().unwrap().push((started, Instant::now()));
+        Ok(vec![0.0; rows * 2])
+    }
+}
+
+/// Single-row runs of two models share a turn on a gate with `small_rows = 1`; larger
+/// runs still take turns, and so do small ones on a gate without the allowance.
+#[tokio::test]
+async fn small_runs_of_two_models_share_a_turn_and_large_ones_do_not() {
+    async fn overlapping_pairs(small_rows: usize, rows: usize) -> usize {
+        let gate = Arc::new(RunGate::with_small_runs(1, small_rows));
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let engine = |name: &str| {
+            let runs = Arc::clone(&runs);
+            let options = EngineOptions { name: name.into(), gate: Arc::clone(&gate), ..options(4, 64) };
+            Engine::start(options, move || Ok(TimedRunner { runs, delay: Duration::from_millis(60) })).unwrap()
+        };
+        let (a, b) = (engine("a"), engine("b"));
+        let (x, y) = tokio::join!(
+            a.infer(rows_from(0.0, rows), rows, later(5000)),
+            b.infer(rows_from(0.0, rows), rows, later(5000))
+        );
+        assert!(x.is_ok() && y.is_ok());
+        let runs = runs.lock().unwrap().clone();
+        assert_eq!(runs.len(), 2);
+        let ((s0, e0), (s1, e1)) = (runs[0], runs[1]);
+        usize::from(s0 < e1 && s1 < e0)
+    }
+    assert_eq!(overlapping_pairs(1, 1).await, 1, "two single-row runs should overlap");
+    assert_eq!(overlapping_pairs(1, 2).await, 0, "two-row runs are not small here");
+    assert_eq!(overlapping_pairs(0, 1).await, 0, "no allowance: runs take turns");
+}

@@ -52,7 +52,7 @@ pub(super) fn run<R: BatchRunner>(shared: &Arc<Shared>, mut runner: R) {
             continue;
         }
         // Waiting for the gate counts as queue time, not inference time.
-        let permit = shared.options.gate.acquire();
+        let permit = shared.options.gate.acquire(rows);
         let started = Instant::now();
         for segment in &segments {
             active[segment.job].started_at.get_or_insert(started);

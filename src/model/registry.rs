@@ -70,7 +70,8 @@ impl ModelRegistry {
     /// Loads just `names` (the offline CLI needs one model, not all of them).
     pub fn load_only(config: &Config, names: &[String]) -> Result<Self, LoadError> {
         let environment = runtime::environment(&config.runtime)?;
-        let gate = Arc::new(RunGate::new(config.runtime.max_concurrent_runs));
+        let gate =
+            Arc::new(RunGate::with_small_runs(config.runtime.max_concurrent_runs, config.runtime.small_run_rows));
         let mut models = BTreeMap::new();
         for name in names {
             let started = Instant::now();
