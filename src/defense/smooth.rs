@@ -64,10 +64,8 @@ pub struct Noise {
     pub seed: u64,
 }
 
-/// Appends `count` noisy views of `base` as normalized model input rows. View `i`
-/// (global index `first + i`) draws its noise from its own generator seeded by
-/// (seed, index), so the rows do not depend on how they are split across rounds or
-/// threads, and the same seed always gives the same rows.
+/// Appends `count` noisy views of `base` as normalized model input rows (f32; see
+/// [`fill_noisy_rows`]).
 pub fn push_noisy_rows(
     base: &ModelImage,
     spec: &InputSpec,
@@ -76,19 +74,38 @@ pub fn push_noisy_rows(
     count: usize,
     out: &mut Vec<f32>,
 ) {
-    let row_len = base.data.len();
     let start = out.len();
-    out.resize(start + count * row_len, 0.0);
-    let rows = &mut out[start..];
+    out.resize(start + count * base.data.len(), 0.0);
+    fill_noisy_rows(base, spec, noise, first, &mut out[start..], |row, stored| stored.copy_from_slice(row));
+}
+
+/// Fills `out` with noisy views of `base` as normalized model input rows, each drawn
+/// into an f32 row and handed to `store` (which may narrow it, as the engine queue's
+/// half precision does). View `i` (global index `first + i`) draws its noise from its
+/// own generator seeded by (seed, index), so the rows do not depend on how they are
+/// split across rounds or threads, and the same seed always gives the same rows.
+pub fn fill_noisy_rows<T: Send>(
+    base: &ModelImage,
+    spec: &InputSpec,
+    noise: Noise,
+    first: u64,
+    out: &mut [T],
+    store: impl Fn(&[f32], &mut [T]) + Sync,
+) {
+    let row_len = base.data.len();
+    let count = out.len() / row_len.max(1);
     // Noise generation is the costliest part of view building; split it across cores.
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(count.max(1));
     let per_thread = count.div_ceil(threads.max(1)).max(1);
+    let store = &store;
     std::thread::scope(|scope| {
-        for (chunk_index, chunk) in rows.chunks_mut(per_thread * row_len).enumerate() {
+        for (chunk_index, chunk) in out.chunks_mut(per_thread * row_len).enumerate() {
             let first_row = first + (chunk_index * per_thread) as u64;
             scope.spawn(move || {
-                for (i, row) in chunk.chunks_mut(row_len).enumerate() {
-                    noisy_row(base, spec, noise, first_row + i as u64, row);
+                let mut row = vec![0.0f32; row_len];
+                for (i, stored) in chunk.chunks_mut(row_len).enumerate() {
+                    noisy_row(base, spec, noise, first_row + i as u64, &mut row);
+                    store(&row, stored);
                 }
             });
         }

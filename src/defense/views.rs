@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use half::slice::HalfFloatSliceExt;
 use image::RgbImage;
 
 use super::DefenseError;
@@ -156,16 +157,10 @@ impl Views {
         let base = source.base(model)?;
         let slot = self.slot(model);
         let noise = noise.seeded(source.seed);
-        // A few rows at a time (one per core), so the f32 draft stays small.
-        let group = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let mut draft = Vec::with_capacity(group * base.data.len());
-        self.batches[slot].rows.reserve_half(count * base.data.len());
-        for start in (0..count).step_by(group) {
-            let rows = group.min(count - start);
-            draft.clear();
-            smooth::push_noisy_rows(base, &model.card.input, noise, first + start as u64, rows, &mut draft);
-            self.batches[slot].rows.push_half(&draft);
-        }
+        let spec = &model.card.input;
+        self.batches[slot].rows.push_half_with(count * base.data.len(), |half| {
+            smooth::fill_noisy_rows(base, spec, noise, first, half, |row, stored| stored.convert_from_f32_slice(row));
+        });
         Ok(self.grow(slot, count))
     }
 

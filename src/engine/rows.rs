@@ -68,28 +68,20 @@ impl Rows {
     /// Appends `values` (one or more whole rows) stored at half precision: about 1e-3
     /// relative rounding, 1/16 of an 8-bit pixel step after normalisation.
     pub fn push_half(&mut self, values: &[f32]) {
-        if let Some(half) = self.half_tail() {
-            let at = half.len();
-            half.resize(at + values.len(), f16::ZERO);
-            half[at..].convert_from_f32_slice(values);
-            self.floats += values.len();
-        }
+        self.push_half_with(values.len(), |half| half.convert_from_f32_slice(values));
     }
 
-    /// Makes room for `floats` more half-precision values (pushed in several calls).
-    pub fn reserve_half(&mut self, floats: usize) {
-        if let Some(half) = self.half_tail() {
-            half.reserve_exact(floats);
-        }
-    }
-
-    fn half_tail(&mut self) -> Option<&mut Vec<f16>> {
+    /// Appends `floats` half-precision values (whole rows) written by `fill`, which
+    /// gets them zeroed.
+    pub fn push_half_with(&mut self, floats: usize, fill: impl FnOnce(&mut [f16])) {
         if !matches!(self.parts.last(), Some(Part::Half(_))) {
             self.parts.push(Part::Half(Vec::new()));
         }
-        match self.parts.last_mut() {
-            Some(Part::Half(half)) => Some(half),
-            _ => None,
+        if let Some(Part::Half(half)) = self.parts.last_mut() {
+            let at = half.len();
+            half.resize(at + floats, f16::ZERO);
+            fill(&mut half[at..]);
+            self.floats += floats;
         }
     }
 
