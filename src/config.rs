@@ -114,6 +114,12 @@ pub struct ServerConfig {
     /// client is cut off); it also bounds an idle keep-alive connection's wait for its
     /// next request.
     pub header_timeout_ms: u64,
+    /// A header a load balancer sets to when it first passed the request on (nginx:
+    /// `proxy_set_header X-Request-Start "t=${msec}"`): the time since then counts
+    /// against `request_timeout_ms`, so a request retried on this replica after
+    /// another one refused it late gets only what is left of its deadline, not a fresh
+    /// one. Clock skew between the hosts shifts the deadline by the skew. Empty = off.
+    pub request_start_header: String,
     /// Open connections at most; one more is answered 503 and closed. The open-file
     /// limit is raised to fit at start-up.
     pub max_connections: usize,
@@ -250,6 +256,7 @@ impl Default for ServerConfig {
             drain_delay_ms: 5_000,
             shutdown_timeout_ms: 30_000,
             header_timeout_ms: 10_000,
+            request_start_header: "x-request-start".into(),
             max_connections: 4096,
             linger_max_bytes: 64 * 1024 * 1024,
             linger_ms: 10_000,
@@ -635,6 +642,11 @@ impl Config {
         );
         check(self.server.request_timeout_ms > 0, "server.request_timeout_ms must be positive".into());
         check(self.server.header_timeout_ms > 0, "server.header_timeout_ms must be positive".into());
+        check(
+            self.server.request_start_header.is_empty()
+                || axum::http::HeaderName::from_bytes(self.server.request_start_header.as_bytes()).is_ok(),
+            format!("server.request_start_header {:?} is not a header name", self.server.request_start_header),
+        );
         check(self.server.max_connections >= 1, "server.max_connections must be at least 1".into());
         let keys = self.server.load_api_keys();
         check(keys.is_ok(), keys.err().unwrap_or_default());

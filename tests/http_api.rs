@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::{TestServer, client, photo, read, read_json_answer, samples, test_config};
 use pandaguard::api::{ClassifyResponse, ErrorResponse, ModelsResponse};
+use pandaguard::config::Config;
 use reqwest::StatusCode;
 use serde_json::Value;
 
@@ -356,6 +357,35 @@ async fn a_full_queue_answers_503_at_once_and_a_late_request_504() {
         }
     }
     assert_eq!((refused, late), (1, 2));
+}
+
+/// Behind a load balancer that stamps when it first passed a request on
+/// (`X-Request-Start`, nginx's `t=${msec}`), the time since counts against the
+/// deadline: a retry whose earlier tries used the whole 10 s is answered 504 at once,
+/// a request with time left is served, and a stamp from the future or one that cannot
+/// be read does not shorten anything.
+#[tokio::test]
+async fn a_load_balancers_request_start_counts_against_the_deadline() {
+    let (image, label) = thatch();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+    let timeout = Config::default().server.request_timeout_ms as f64 / 1e3;
+    let send = |stamp: String| {
+        let (url, image) = (SERVER.url("/classify?defense=none"), image.clone());
+        async move {
+            let started = Instant::now();
+            let response = client().post(url).header("x-request-start", stamp).body(image).send().await.unwrap();
+            (response, started.elapsed())
+        }
+    };
+    let (response, took) = send(format!("t={:.3}", now - timeout - 0.5)).await;
+    assert!(took < Duration::from_secs(1), "an exhausted deadline took {took:?} to report");
+    expect_error(response, StatusCode::GATEWAY_TIMEOUT, "deadline_exceeded").await;
+    for stamp in [format!("t={:.3}", now - 1.0), format!("t={:.3}", now + 3600.0), "soon".to_string()] {
+        let (response, _) = send(stamp.clone()).await;
+        assert_eq!(response.status(), StatusCode::OK, "stamp {stamp}");
+        let answer: ClassifyResponse = response.json().await.unwrap();
+        assert_eq!(answer.raw.class_id, label, "stamp {stamp}");
+    }
 }
 
 async fn timed_post(url: String, body: Vec<u8>) -> (reqwest::Response, Duration) {

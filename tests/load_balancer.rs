@@ -119,6 +119,9 @@ fn deploy_files_agree_with_the_server_config() {
     assert_eq!(number(&nginx, "client_max_body_size") * 1024 * 1024, server.max_body_bytes as u64);
     assert!(number(&nginx, "proxy_read_timeout") * 1000 > server.request_timeout_ms);
     assert!(nginx.contains("proxy_next_upstream error timeout http_503 non_idempotent;"));
+    // Retries carry the first try's start, in the header the replicas read.
+    assert!(nginx.contains("proxy_set_header X-Request-Start \"t=${msec}\";"));
+    assert!(server.request_start_header.eq_ignore_ascii_case("x-request-start"));
     // nginx lets go of an idle upstream connection before the replica closes it, and
     // never marks a replica down for a 503 (an overload would become 502s).
     assert!(number(&nginx, "keepalive_timeout") * 1000 < server.header_timeout_ms);

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::{ConnectInfo, FromRequest, Multipart, Request, State};
@@ -72,8 +72,13 @@ pub async fn classify(State(state): State<AppState>, request: Request) -> Result
     }
     let pipeline = state.pipeline()?;
     let timeout = pipeline.request_timeout();
-    let deadline = context.arrived + timeout;
+    let deadline = context.deadline(timeout);
     let deadline_ms = timeout.as_millis() as u64;
+    // A retry whose earlier tries (other replicas) used up the whole deadline: the
+    // client has been told nothing yet, but there is no time left to tell it more.
+    if deadline <= Instant::now() {
+        return Err(ApiError::DeadlineExceeded { deadline_ms });
+    }
 
     // Everything that can refuse the request from its head alone, before its body is
     // read: the body's declared size and type, then admission (its rows reserved, or
