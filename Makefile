@@ -17,7 +17,7 @@ PEER_VENV := benches/python_peer/.venv
 PEER_STAMP := $(PEER_VENV)/.installed
 CARGO ?= cargo
 
-.PHONY: setup models nginx browser redis build run test bench lint fmt clean
+.PHONY: setup models tools nginx browser redis build run test bench lint fmt clean
 
 setup: $(VENV_STAMP) $(MODEL_FILES) $(INT8_FILES) $(SAMPLES)
 
@@ -44,6 +44,14 @@ $(INT8_FILES) &: models/convert/quantize.py models/convert/reference.py $(MODEL_
 	touch $(INT8_FILES)
 
 models: $(MODEL_FILES) $(INT8_FILES)
+
+# cmake and nasm build libjpeg-turbo from the turbojpeg crate's bundled source with its
+# SIMD code (the JPEG decoder; linked into the binary statically), from Debian's
+# packages when missing; through sudo only when not root.
+tools:
+	@{ command -v cmake && command -v nasm; } >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends cmake nasm; }
 
 # nginx for tests/load_balancer.rs (three replicas behind config/deploy/nginx.conf),
 # from Debian's packages when missing; through sudo only when not root. The test runs
@@ -72,7 +80,7 @@ browser:
 $(SAMPLES): scripts/fetch_samples.py $(VENV_STAMP)
 	$(VENV_PY) scripts/fetch_samples.py --out testdata/imagenet
 
-build:
+build: tools
 	$(CARGO) build --release --locked
 
 run: setup build
@@ -80,7 +88,7 @@ run: setup build
 
 # The white-box red team's gradients first (parity with ONNX Runtime, finite-difference
 # checks: models/gradients/README.md), then every Rust test.
-test: setup nginx redis browser
+test: setup tools nginx redis browser
 	$(VENV_PY) -m unittest models/gradients/test_gradients.py
 	$(CARGO) test --release --locked
 
@@ -99,7 +107,7 @@ bench: setup build $(PEER_STAMP)
 	$(CARGO) bench --locked --bench int8
 	$(CARGO) bench --locked --bench http_load
 
-lint:
+lint: tools
 	$(CARGO) fmt --check
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 

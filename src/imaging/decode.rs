@@ -68,9 +68,13 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
     let format = reader(bytes, limits)?.format().filter(|f| SUPPORTED.contains(f)).ok_or(DecodeError::UnknownFormat)?;
 
     // The JPEG decoder fills a truncated scan with grey instead of failing; a
-    // classifier should not answer for half a photo.
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        return Err(DecodeError::TruncatedJpeg);
+    // classifier should not answer for half a photo. A progressive JPEG can repeat
+    // scans without end, each a pass over the whole image: refuse absurd counts.
+    if format == ImageFormat::Jpeg {
+        let scans = jpeg_scans(bytes).ok_or(DecodeError::TruncatedJpeg)?;
+        if scans > MAX_JPEG_SCANS {
+            return Err(DecodeError::DecoderLimit(format!("{scans} JPEG scans; at most {MAX_JPEG_SCANS} are decoded")));
+        }
     }
 
     // The header alone tells the size: refuse huge images before allocating for them.
@@ -79,7 +83,15 @@ pub fn decode(bytes: &[u8], limits: &DecodeLimits) -> Result<RgbImage, DecodeErr
 
     let mut decoder = reader(bytes, limits)?.into_decoder().map_err(|e| decode_error(format, e))?;
     let orientation = decoder.orientation().unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut image = DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?;
+    let turbo = if format == ImageFormat::Jpeg {
+        decode_jpeg_turbo(bytes, width, height, limits.max_alloc_bytes)
+    } else {
+        None
+    };
+    let mut image = match turbo {
+        Some(rgb) => DynamicImage::ImageRgb8(rgb),
+        None => DynamicImage::from_decoder(decoder).map_err(|e| decode_error(format, e))?,
+    };
     image.apply_orientation(orientation);
     Ok(match image {
         DynamicImage::ImageRgb8(rgb) => rgb,
@@ -118,27 +130,60 @@ fn check_dimensions(width: u32, height: u32, limits: &DecodeLimits) -> Result<()
     Ok(())
 }
 
-/// Walks the JPEG marker segments and entropy-coded scans and reports whether an
-/// end-of-image marker (FFD9) is reached. Inside scans 0xFF is always followed by a
-/// stuffed 0x00 or a restart marker, so the first other marker after a scan is real
-/// (an EXIF thumbnail's own FFD9 sits inside an APP1 segment and is skipped whole).
-fn jpeg_is_complete(bytes: &[u8]) -> bool {
+/// More scans than any encoder writes (a progressive JPEG has about ten; libjpeg-turbo's
+/// own tools suggest this limit against the repeated-scan attack).
+const MAX_JPEG_SCANS: usize = 500;
+
+/// libjpeg-turbo (SIMD; the decoder Pillow uses) for 8-bit YCbCr, grey and RGB JPEGs,
+/// about a third faster than the `image` crate's decoder on photos. Anything it
+/// refuses or only half accepts (CMYK, 12-bit, a corrupt-data warning) returns `None`
+/// and goes to the `image` crate's decoder as before, under its allocation limits.
+/// The size was checked from the header already; what libjpeg-turbo would allocate
+/// (the RGB output, and for a progressive JPEG its coefficients, two bytes per sample
+/// of up to three full-size components) must fit `max_alloc_bytes`, or the `image`
+/// crate's decoder, which enforces that limit itself, decides.
+fn decode_jpeg_turbo(bytes: &[u8], width: u32, height: u32, max_alloc_bytes: u64) -> Option<RgbImage> {
+    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat};
+    let mut decompressor = Decompressor::new().ok()?;
+    decompressor.set_scan_limit(MAX_JPEG_SCANS as u32).ok()?;
+    let header = decompressor.read_header(bytes).ok()?;
+    let (w, h) = (usize::try_from(width).ok()?, usize::try_from(height).ok()?);
+    let colours = matches!(header.colorspace, Colorspace::YCbCr | Colorspace::Gray | Colorspace::RGB);
+    if (header.width, header.height) != (w, h) || header.is_lossless || !colours {
+        return None;
+    }
+    let samples = u64::from(width) * u64::from(height) * 3;
+    if samples * if header.is_progressive { 3 } else { 1 } > max_alloc_bytes {
+        return None;
+    }
+    let mut pixels = vec![0u8; w.checked_mul(h)?.checked_mul(3)?];
+    let output = Image { pixels: pixels.as_mut_slice(), width: w, pitch: w * 3, height: h, format: PixelFormat::RGB };
+    decompressor.decompress(bytes, output).ok()?;
+    RgbImage::from_raw(width, height, pixels)
+}
+
+/// Walks the JPEG marker segments and entropy-coded scans and counts the scans up to
+/// the end-of-image marker (FFD9); `None` if that marker is never reached (truncated).
+/// Inside scans 0xFF is always followed by a stuffed 0x00 or a restart marker, so the
+/// first other marker after a scan is real (an EXIF thumbnail's own FFD9 sits inside
+/// an APP1 segment and is skipped whole).
+fn jpeg_scans(bytes: &[u8]) -> Option<usize> {
     let mut i = 2; // after SOI
+    let mut scans = 0;
     while i + 1 < bytes.len() {
         if bytes[i] != 0xFF {
-            return false;
+            return None;
         }
         let marker = bytes[i + 1];
         match marker {
-            0xD9 => return true,
+            0xD9 => return Some(scans),
             0xFF => i += 1,               // fill byte
             0x01 | 0xD0..=0xD7 => i += 2, // markers without a length
             _ => {
-                let Some(len) = bytes.get(i + 2..i + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]]))) else {
-                    return false;
-                };
+                let len = bytes.get(i + 2..i + 4).map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))?;
                 i += 2 + len;
                 if marker == 0xDA {
+                    scans += 1;
                     // Skip the entropy-coded data up to the next real marker.
                     while i + 1 < bytes.len() && !is_marker(bytes[i], bytes[i + 1]) {
                         i += 1;
@@ -147,7 +192,7 @@ fn jpeg_is_complete(bytes: &[u8]) -> bool {
             }
         }
     }
-    false
+    None
 }
 
 /// 0xFF followed by anything but a stuffed zero or a restart marker.
@@ -213,6 +258,47 @@ mod tests {
             let error = decode(&jpeg[..cut], &LIMITS).unwrap_err();
             assert!(!error.is_too_large(), "cut at {cut}: {error}");
         }
+    }
+
+    #[test]
+    fn libjpeg_turbo_decodes_what_the_image_crate_decodes() {
+        let photo = image::open(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/imagenet/imagenet_05_853.jpg"));
+        let photo = photo.expect("sample photos (make setup)").to_rgb8();
+        let grey = DynamicImage::ImageRgb8(photo.clone()).to_luma8();
+        for jpeg in [
+            std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/imagenet/imagenet_05_853.jpg")).unwrap(),
+            encode(DynamicImage::ImageRgb8(photo), ImageFormat::Jpeg),
+            encode(DynamicImage::ImageLuma8(grey), ImageFormat::Jpeg),
+        ] {
+            let (width, height) = image::load_from_memory(&jpeg).unwrap().to_rgb8().dimensions();
+            let turbo = decode_jpeg_turbo(&jpeg, width, height, LIMITS.max_alloc_bytes).expect("an 8-bit JPEG");
+            let tight = u64::from(width * height * 3);
+            assert_eq!(decode_jpeg_turbo(&jpeg, width, height, tight - 1), None, "over max_alloc_bytes");
+            assert_eq!(decode(&jpeg, &LIMITS).unwrap(), turbo, "decode() takes the libjpeg-turbo path");
+            // Both are exact JPEG decoders up to IDCT and chroma-upsampling rounding.
+            let reference = image::load_from_memory(&jpeg).unwrap().to_rgb8();
+            let differences: Vec<u8> =
+                turbo.as_raw().iter().zip(reference.as_raw()).map(|(a, b)| a.abs_diff(*b)).collect();
+            let mean = differences.iter().map(|&d| f64::from(d)).sum::<f64>() / differences.len() as f64;
+            assert!(mean < 1.5, "mean difference {mean}");
+            assert!(differences.iter().filter(|&&d| d > 16).count() * 1000 < differences.len());
+        }
+        assert_eq!(decode_jpeg_turbo(b"\xFF\xD8\xFF\xD9", 1, 1, LIMITS.max_alloc_bytes), None);
+    }
+
+    #[test]
+    fn a_jpeg_with_endless_scans_is_refused_before_decoding() {
+        let mut jpeg = vec![0xFF, 0xD8];
+        for _ in 0..=MAX_JPEG_SCANS {
+            // A scan header (length 8) and one byte of entropy-coded data.
+            jpeg.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x08, 1, 1, 0, 0, 63, 0, 0x12]);
+        }
+        jpeg.extend_from_slice(&[0xFF, 0xD9]);
+        let error = decode(&jpeg, &LIMITS).unwrap_err();
+        assert!(matches!(error, DecodeError::DecoderLimit(_)), "{error}");
+        assert!(error.is_too_large());
+        assert_eq!(jpeg_scans(&jpeg), Some(MAX_JPEG_SCANS + 1));
+        assert_eq!(jpeg_scans(&jpeg[..jpeg.len() - 2]), None);
     }
 
     #[test]
