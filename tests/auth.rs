@@ -158,10 +158,41 @@ async fn the_access_log_has_one_json_line_per_request_and_never_a_key() {
     assert_eq!(entry["model"], "efficientnet-lite0");
     assert_eq!(entry["rows"], 1);
     assert!(entry["suspicious"].is_boolean());
+    assert!(entry.get("upstream_ms").is_none(), "no load balancer said it spent time: {line}");
     assert_eq!(text.lines().filter(|l| l.contains(id)).count(), 1, "one line per request");
     for key in [CONFIG_KEY, FILE_KEY, "Bearer", "authorization"] {
         assert!(!text.contains(key), "the log contains {key:?}:\n{text}");
     }
+}
+
+/// A request a load balancer stamped (`X-Request-Start`, 1.5 s before) is logged with
+/// the time it had already spent, so retries stand out in the access log.
+#[tokio::test]
+async fn the_access_log_shows_the_time_a_load_balancer_spent() {
+    let id = "auth-log-upstream";
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() - 1.5;
+    let response = client()
+        .post(SERVER.url("/classify?defense=none"))
+        .header("authorization", format!("Bearer {CONFIG_KEY}"))
+        .header("x-request-id", id)
+        .header("x-request-start", format!("t={stamp:.3}"))
+        .body(thatch().0)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let started = Instant::now();
+    let line = loop {
+        let text = String::from_utf8_lossy(&LOG.lock().unwrap()).to_string();
+        if let Some(line) = text.lines().find(|l| l.contains(id)) {
+            break line.to_string();
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "no access-log line for {id}:\n{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let entry: Value = serde_json::from_str(&line).unwrap();
+    let upstream = entry["upstream_ms"].as_u64().unwrap_or_else(|| panic!("no upstream_ms: {line}"));
+    assert!((1500..2500).contains(&upstream), "{line}");
 }
 
 /// `PANDAGUARD_API_KEYS_FILE` with the real binary: an unreadable file stops start-up

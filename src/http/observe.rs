@@ -129,6 +129,9 @@ pub async fn observe(State(state): State<AppState>, mut request: Request, next: 
             client = summary.client.as_deref(),
             query_attack = summary.query_attack,
             matches = summary.matches,
+            // Time the load balancer had already spent (earlier tries elsewhere), when
+            // it said so: a retry shows up here with the deadline it had left.
+            upstream_ms = (!spent_upstream.is_zero()).then_some(spent_upstream.as_millis() as u64),
             "request"
         );
     }
