@@ -1,7 +1,7 @@
 //! Per-request bookkeeping in one middleware: the request id (accepted from
 //! `x-request-id` or generated, echoed back), the arrival time the deadline runs
-//! from (and the time a load balancer already spent on it), Prometheus counters and latency, `Retry-After` on 503s, and one structured
-//! access-log line per request.
+//! from (and the time a load balancer already spent on it), Prometheus counters and
+//! latency, `Retry-After` on 503s, and one structured access-log line per request.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
