@@ -2,7 +2,7 @@
 //! model per round, each defense remembering where its rows sit, and the outputs
 //! handed back by the same addresses. Pure data; the pipeline submits the batches.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use half::slice::HalfFloatSliceExt;
 use image::RgbImage;
@@ -10,7 +10,7 @@ use image::RgbImage;
 use super::DefenseError;
 use super::smooth::{self, NoiseLevel};
 use crate::engine::Rows;
-use crate::imaging::{ModelImage, ResizeError, fit_to_input};
+use crate::imaging::{ModelImage, ResizeError, fit_to_input, push_normalized_pixels};
 use crate::model::LoadedModel;
 
 /// What views are made from: the decoded image, its fit to each model's input
@@ -18,47 +18,75 @@ use crate::model::LoadedModel;
 /// every random choice the defenses make for this request.
 pub struct Source {
     pub image: RgbImage,
-    bases: Vec<(Arc<LoadedModel>, ModelImage)>,
+    fitted: Vec<FittedImage>,
     pub seed: u64,
 }
 
-/// Each model's fit of an image, the first model's also as 8-bit pixels (what a
-/// content-derived seed is computed from).
+/// A model's fit of the image, as 8-bit pixels and, once a defense asks for it, as
+/// floats in [0, 1] (a plain view is normalized from the pixels directly, so a
+/// request without noise or blur never makes the float image).
+struct FittedImage {
+    model: Arc<LoadedModel>,
+    pixels: RgbImage,
+    base: OnceLock<ModelImage>,
+}
+
+/// Each model's fit of an image, in the order the models were given; the first is the
+/// raw model's (what a content-derived seed is computed from).
 pub struct Fitted {
-    pub bases: Vec<(Arc<LoadedModel>, ModelImage)>,
-    pub first: image::RgbImage,
+    images: Vec<(Arc<LoadedModel>, RgbImage)>,
 }
 
 impl Fitted {
     /// Fits `image` to the input of every model in `models` (duplicates once; at least one).
     pub fn new(image: &RgbImage, models: &[Arc<LoadedModel>]) -> Result<Self, ResizeError> {
-        let mut bases: Vec<(Arc<LoadedModel>, ModelImage)> = Vec::with_capacity(models.len());
-        let mut first = None;
+        let mut images: Vec<(Arc<LoadedModel>, RgbImage)> = Vec::with_capacity(models.len());
         for model in models {
-            if !bases.iter().any(|(m, _)| Arc::ptr_eq(m, model)) {
-                let fitted = fit_to_input(image, &model.card.input)?;
-                bases.push((Arc::clone(model), ModelImage::from_rgb(&fitted)));
-                first.get_or_insert(fitted);
+            if !images.iter().any(|(m, _)| Arc::ptr_eq(m, model)) {
+                images.push((Arc::clone(model), fit_to_input(image, &model.card.input)?));
             }
         }
-        let first = first.ok_or_else(|| ResizeError("no model to fit the image to".into()))?;
-        Ok(Fitted { bases, first })
+        if images.is_empty() {
+            return Err(ResizeError("no model to fit the image to".into()));
+        }
+        Ok(Fitted { images })
+    }
+
+    /// The first model's fit.
+    pub fn first(&self) -> &RgbImage {
+        // `new` refuses an empty list.
+        &self.images[0].1
     }
 }
 
 impl Source {
     pub fn new(image: RgbImage, fitted: Fitted, seed: u64) -> Self {
-        Self { image, bases: fitted.bases, seed }
+        let fitted = fitted
+            .images
+            .into_iter()
+            .map(|(model, pixels)| FittedImage { model, pixels, base: OnceLock::new() })
+            .collect();
+        Self { image, fitted, seed }
+    }
+
+    /// The first model's fit as 8-bit pixels (the raw model's input).
+    pub fn first(&self) -> &RgbImage {
+        // `Fitted::new` refuses an empty list.
+        &self.fitted[0].pixels
     }
 
     /// The image at `model`'s input size, in [0, 1] pixel units. Every model a
     /// defense names in `DefenseRun::models` is there; another is a bug in the defense,
     /// answered as an internal error rather than a panic.
     pub fn base(&self, model: &Arc<LoadedModel>) -> Result<&ModelImage, DefenseError> {
-        self.bases
+        let fitted = self.fitted(model)?;
+        Ok(fitted.base.get_or_init(|| ModelImage::from_rgb(&fitted.pixels)))
+    }
+
+    fn fitted(&self, model: &Arc<LoadedModel>) -> Result<&FittedImage, DefenseError> {
+        self.fitted
             .iter()
-            .find(|(m, _)| Arc::ptr_eq(m, model))
-            .map(|(_, base)| base)
+            .find(|f| Arc::ptr_eq(&f.model, model))
             .ok_or_else(|| DefenseError::Unplanned(model.card.name.clone()))
     }
 }
@@ -120,8 +148,8 @@ impl Views {
         if let Some(start) = self.batches[slot].plain {
             return Ok(RowRange { slot, start, len: 1 });
         }
-        let base = source.base(model)?;
-        self.batches[slot].rows.push_full_with(|rows| base.push_normalized(&model.card.input, rows));
+        let pixels = &source.fitted(model)?.pixels;
+        self.batches[slot].rows.push_full_with(|rows| push_normalized_pixels(pixels, &model.card.input, rows));
         let range = self.grow(slot, 1);
         self.batches[slot].plain = Some(range.start);
         Ok(range)

@@ -9,4 +9,4 @@ mod decode;
 mod preprocess;
 
 pub use decode::{DecodeError, DecodeLimits, decode};
-pub use preprocess::{ModelImage, Region, ResizeError, fit_to_input, resize_region};
+pub use preprocess::{ModelImage, Region, ResizeError, fit_to_input, push_normalized_pixels, resize_region};

@@ -24,10 +24,6 @@ pub struct Region {
 #[error("resize failed: {0}")]
 pub struct ResizeError(pub String);
 
-/// Largest intermediate (resized, before the centre crop) image: 16 Mpx, 48 MB. Any
-/// photo of ordinary proportions stays far below; past it only the kept region is resized.
-const MAX_INTERMEDIATE_PIXELS: u64 = 16 << 20;
-
 /// Brings `image` to exactly the model's input size. An image that already has that
 /// size is returned untouched (no resampling), so a crafted perturbation at the
 /// model's resolution reaches the model exactly.
@@ -43,27 +39,23 @@ pub fn fit_to_input(image: &RgbImage, spec: &InputSpec) -> Result<RgbImage, Resi
             // Resize the shorter side to floor(size / crop_fraction), the longer side in
             // proportion (rounded), then crop the centre (offset floored): the same
             // arithmetic as models/convert/reference.py, so accuracy figures carry over.
+            // Only the kept region is resampled, straight to the output size: the filter
+            // still reads the source pixels around it, so this is the full resize and
+            // crop without the pixels thrown away (identical but for a rare ±1 level
+            // where the region's fractional edges round differently).
             let target_short = (out_w.min(out_h) as f64 / spec.crop_fraction as f64).floor().max(1.0);
             let scale = target_short / width.min(height) as f64;
             let resized_w = ((width as f64 * scale).round().min(f64::from(u32::MAX)) as u32).max(out_w);
             let resized_h = ((height as f64 * scale).round().min(f64::from(u32::MAX)) as u32).max(out_h);
-            if u64::from(resized_w) * u64::from(resized_h) > MAX_INTERMEDIATE_PIXELS {
-                // An extreme aspect ratio (e.g. 10000×1) would need a gigapixel
-                // intermediate image: resize only the source region the crop keeps.
-                let (scale_x, scale_y) =
-                    (f64::from(resized_w) / f64::from(width), f64::from(resized_h) / f64::from(height));
-                let region = Region {
-                    left: f64::from((resized_w - out_w) / 2) / scale_x,
-                    top: f64::from((resized_h - out_h) / 2) / scale_y,
-                    width: f64::from(out_w) / scale_x,
-                    height: f64::from(out_h) / scale_y,
-                };
-                return resize_region(image, Some(region), out_w, out_h, spec.interpolation);
-            }
-            let resized = resize_region(image, None, resized_w, resized_h, spec.interpolation)?;
-            let left = (resized_w - out_w) / 2;
-            let top = (resized_h - out_h) / 2;
-            Ok(image::imageops::crop_imm(&resized, left, top, out_w, out_h).to_image())
+            let (scale_x, scale_y) =
+                (f64::from(resized_w) / f64::from(width), f64::from(resized_h) / f64::from(height));
+            let region = Region {
+                left: f64::from((resized_w - out_w) / 2) / scale_x,
+                top: f64::from((resized_h - out_h) / 2) / scale_y,
+                width: f64::from(out_w) / scale_x,
+                height: f64::from(out_h) / scale_y,
+            };
+            resize_region(image, Some(region), out_w, out_h, spec.interpolation)
         }
     }
 }
@@ -92,6 +84,28 @@ pub fn resize_region(
     Resizer::new().resize(&source, &mut target, &options).map_err(|e| ResizeError(e.to_string()))?;
     RgbImage::from_raw(out_w.max(1), out_h.max(1), target.into_vec())
         .ok_or_else(|| ResizeError("the resized buffer has the wrong size".into()))
+}
+
+/// Appends `image` as one normalized planar row, (pixel / 255 − mean) / std per
+/// channel, bit for bit what [`ModelImage::from_rgb`] then
+/// [`ModelImage::push_normalized`] give, without the float image in between (a plain
+/// view needs nothing else): one table lookup per sample.
+pub fn push_normalized_pixels(image: &RgbImage, spec: &InputSpec, row: &mut Vec<f32>) {
+    let tables: [[f32; 256]; 3] = std::array::from_fn(|c| {
+        let (mean, inv_std) = (spec.mean[c], 1.0 / spec.std[c]);
+        std::array::from_fn(|v| (f32::from(v as u8) / 255.0 - mean) * inv_std)
+    });
+    let pixels = image.as_raw();
+    let plane = pixels.len() / 3;
+    let start = row.len();
+    row.resize(start + 3 * plane, 0.0);
+    let (red, rest) = row[start..].split_at_mut(plane);
+    let (green, blue) = rest.split_at_mut(plane);
+    for (((pixel, r), g), b) in pixels.chunks_exact(3).zip(red).zip(green).zip(blue) {
+        *r = tables[0][usize::from(pixel[0])];
+        *g = tables[1][usize::from(pixel[1])];
+        *b = tables[2][usize::from(pixel[2])];
+    }
 }
 
 /// A model-sized image as planar RGB floats in [0, 1] (C × H × W), the space in
@@ -176,8 +190,8 @@ mod tests {
 
     #[test]
     fn extreme_aspect_ratios_do_not_allocate_a_gigapixel_intermediate() {
-        // Resizing 16384×1 to a 256-pixel shorter side would make 4 Gpx; the region
-        // path gives the 14×14 centre directly, with the colours of the centre.
+        // Resizing 16384×1 to a 256-pixel shorter side would make 4 Gpx; only the
+        // kept region is resampled, to the 14×14 centre, with the colours of the centre.
         for (w, h) in [(16_384u32, 1u32), (1, 16_384), (10_000, 3)] {
             let image = RgbImage::from_fn(w, h, |x, y| {
                 let along = if w > h { x * 255 / w } else { y * 255 / h };
@@ -197,6 +211,47 @@ mod tests {
         let out = fit_to_input(&image, &spec(14)).unwrap();
         assert_eq!(out.dimensions(), (14, 14));
         assert!(out.get_pixel(0, 7).0[0] < 10 && out.get_pixel(13, 7).0[0] > 245);
+    }
+
+    #[test]
+    fn fitting_resamples_like_a_full_resize_then_a_centre_crop() {
+        // The region resize against what reference.py does: resize the whole image,
+        // then crop. Same pixels but for a rare ±1 where fractional edges round apart.
+        let image = RgbImage::from_fn(517, 389, |x, y| {
+            Rgb([((x * 7 + y * 3) % 256) as u8, ((x * y) % 251) as u8, ((x ^ y) % 256) as u8])
+        });
+        for size in [14, 224, 240, 260] {
+            let spec = spec(size);
+            let short = (f64::from(size) / f64::from(spec.crop_fraction)).floor();
+            let (w, h) = ((517.0 * short / 389.0).round() as u32, short as u32);
+            let full = resize_region(&image, None, w, h, spec.interpolation).unwrap();
+            let expected = image::imageops::crop_imm(&full, (w - size) / 2, (h - size) / 2, size, size).to_image();
+            let got = fit_to_input(&image, &spec).unwrap();
+            let apart: Vec<i16> = got
+                .as_raw()
+                .iter()
+                .zip(expected.as_raw())
+                .map(|(a, b)| i16::from(*a) - i16::from(*b))
+                .filter(|d| *d != 0)
+                .collect();
+            assert!(apart.iter().all(|d| d.abs() == 1), "size {size}: {apart:?}");
+            assert!(apart.len() * 1000 <= got.as_raw().len(), "size {size}: {} pixels apart", apart.len());
+        }
+    }
+
+    #[test]
+    fn normalizing_pixels_directly_matches_the_float_image() {
+        let image = RgbImage::from_fn(17, 9, |x, y| Rgb([(x * 15) as u8, (y * 28) as u8, ((x + y) * 9) as u8]));
+        let spec = InputSpec { mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225], ..spec(17) };
+        let mut direct = vec![1.5];
+        push_normalized_pixels(&image, &spec, &mut direct);
+        let mut via_floats = vec![1.5];
+        ModelImage::from_rgb(&image).push_normalized(&spec, &mut via_floats);
+        // Bit for bit: a row built either way is the same model input.
+        assert_eq!(
+            direct.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            via_floats.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     #[test]

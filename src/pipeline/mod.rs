@@ -44,7 +44,7 @@ pub struct Pipeline {
     /// Bounds concurrent decodes: each may hold a full-resolution bitmap.
     decode_permits: Semaphore,
     /// Key of the content-derived seeds.
-    seeds: SeedKey,
+    seeds: Arc<SeedKey>,
     /// Admitted requests still decoding and making views (admission counts their work).
     preparing: Arc<PrepLoad>,
 }
@@ -63,14 +63,13 @@ pub struct Prepared {
     deadline: Instant,
     preparing: Preparing,
     source: Arc<Source>,
-    model_input: RgbImage,
     cost: Cost,
 }
 
 impl Prepared {
     /// The image as the raw model sees it (8-bit RGB at its input size).
     pub fn model_input(&self) -> &RgbImage {
-        &self.model_input
+        self.source.first()
     }
 
     /// The seed of the request's noise.
@@ -102,7 +101,7 @@ impl Pipeline {
             0 => 2 * std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             n => n,
         };
-        let seeds = SeedKey::new(config.defense.seed_secret.as_ref());
+        let seeds = Arc::new(SeedKey::new(config.defense.seed_secret.as_ref()));
         Self {
             config,
             registry,
@@ -194,7 +193,7 @@ impl Pipeline {
     /// that model sees (the decision maps' origin).
     pub async fn model_input(&self, body: Bytes, model: &str) -> Result<RgbImage, PipelineError> {
         let model = self.model(model, "model")?;
-        let (image, _) = self.decode(body).await?;
+        let image = self.decode(body).await?;
         blocking(move || Ok(fit_to_input(&image, &model.card.input).map_err(DefenseError::from)?)).await
     }
 
@@ -252,12 +251,28 @@ impl Pipeline {
     /// raw model's input, `Prepared::model_input`) before paying for views and inference.
     pub async fn prepare(
         &self,
-        admitted: Admitted,
+        mut admitted: Admitted,
         body: Bytes,
         params: &ClassifyParams,
     ) -> Result<Prepared, PipelineError> {
-        let (image, decode_time) = self.decode(body).await?;
-        self.prepare_image(admitted, image, decode_time, params).await
+        // One trip to the blocking pool for decoding and fitting (each hand-off between
+        // threads costs a wake-up, a visible part of a small request).
+        let _permit = self.decode_permits.acquire().await.map_err(|_| PipelineError::ShuttingDown)?;
+        let models = std::mem::take(&mut admitted.plan.models);
+        let (limits, seeds, seed) = (self.limits, Arc::clone(&self.seeds), params.seed);
+        let (source, decode_time, preprocess_time) = blocking(move || {
+            let started = Instant::now();
+            let image = decode(&body, &limits)?;
+            let decode_time = started.elapsed();
+            let (source, preprocess_time) = fit_source(image, &models, &seeds, seed)?;
+            Ok((source, decode_time, preprocess_time))
+        })
+        .await?;
+        Ok(Self::prepared(
+            admitted,
+            source,
+            Cost { decode: decode_time, preprocess: preprocess_time, ..Cost::default() },
+        ))
     }
 
     /// Classifies an image that is already decoded (the decision maps' cells): admits,
@@ -268,33 +283,18 @@ impl Pipeline {
         params: &ClassifyParams,
         started: Instant,
     ) -> Result<Outcome, PipelineError> {
-        let admitted = self.admit(params, started + self.request_timeout())?;
-        let prepared = self.prepare_image(admitted, image, Duration::ZERO, params).await?;
+        let mut admitted = self.admit(params, started + self.request_timeout())?;
+        let models = std::mem::take(&mut admitted.plan.models);
+        let (seeds, seed) = (Arc::clone(&self.seeds), params.seed);
+        let (source, preprocess_time) = blocking(move || fit_source(image, &models, &seeds, seed)).await?;
+        let prepared = Self::prepared(admitted, source, Cost { preprocess: preprocess_time, ..Cost::default() });
         self.finish(prepared, params, started).await
     }
 
-    async fn prepare_image(
-        &self,
-        admitted: Admitted,
-        image: RgbImage,
-        decode_time: Duration,
-        params: &ClassifyParams,
-    ) -> Result<Prepared, PipelineError> {
+    fn prepared(admitted: Admitted, source: Source, cost: Cost) -> Prepared {
         let Admitted { plan, reservations, deadline, preparing } = admitted;
-        let mut cost = Cost { decode: decode_time, ..Cost::default() };
-        let Plan { raw, runs, models, .. } = plan;
-        let fitted = blocking(move || {
-            let started = Instant::now();
-            let fitted = Fitted::new(&image, &models).map_err(DefenseError::from)?;
-            Ok((image, fitted, started.elapsed()))
-        })
-        .await?;
-        let (image, mut fitted, preprocess_time) = fitted;
-        cost.preprocess = preprocess_time;
-        let seed = params.seed.unwrap_or_else(|| self.seeds.seed_for(fitted.first.as_raw()));
-        let model_input = std::mem::take(&mut fitted.first);
-        let source = Arc::new(Source::new(image, fitted, seed));
-        Ok(Prepared { raw, runs, reservations, deadline, preparing, source, model_input, cost })
+        let Plan { raw, runs, .. } = plan;
+        Prepared { raw, runs, reservations, deadline, preparing, source: Arc::new(source), cost }
     }
 
     /// The views, the rounds through the engines, and the combination.
@@ -323,7 +323,7 @@ impl Pipeline {
             let round_raw = first.then(|| Arc::clone(&raw));
             let round_source = Arc::clone(&source);
             let building = taking.clone();
-            let (back, views, raw_range, views_time) = blocking(move || {
+            let build = move || {
                 let started = Instant::now();
                 let mut views = Views::default();
                 let raw_range = match round_raw {
@@ -334,8 +334,12 @@ impl Pipeline {
                     runs[index].run.views(&round_source, &mut views)?;
                 }
                 Ok((runs, views, raw_range, started.elapsed()))
-            })
-            .await?;
+            };
+            // The raw model's plain view alone (no defense) is one pass over a
+            // model-sized image, tens of microseconds: less than the hand-off to the
+            // blocking pool and back would cost, so it is made here.
+            let (back, views, raw_range, views_time) =
+                if taking.is_empty() { build()? } else { blocking(build).await? };
             runs = back;
             cost.views += views_time;
             if let Some(preparing) = preparing.take() {
@@ -434,16 +438,25 @@ impl Pipeline {
         Ok(Outputs::new(slots))
     }
 
-    async fn decode(&self, body: Bytes) -> Result<(RgbImage, Duration), PipelineError> {
+    async fn decode(&self, body: Bytes) -> Result<RgbImage, PipelineError> {
         let _permit = self.decode_permits.acquire().await.map_err(|_| PipelineError::ShuttingDown)?;
         let limits = self.limits;
-        blocking(move || {
-            let started = Instant::now();
-            let image = decode(&body, &limits)?;
-            Ok((image, started.elapsed()))
-        })
-        .await
+        blocking(move || Ok(decode(&body, &limits)?)).await
     }
+}
+
+/// Fits the image to every model and derives the request's seed (the client's, or
+/// from the raw model's input): what views are made from, and the time it took.
+fn fit_source(
+    image: RgbImage,
+    models: &[Arc<LoadedModel>],
+    seeds: &SeedKey,
+    seed: Option<u64>,
+) -> Result<(Source, Duration), PipelineError> {
+    let started = Instant::now();
+    let fitted = Fitted::new(&image, models).map_err(DefenseError::from)?;
+    let seed = seed.unwrap_or_else(|| seeds.seed_for(fitted.first().as_raw()));
+    Ok((Source::new(image, fitted, seed), started.elapsed()))
 }
 
 /// A defense that cannot start names a model parameter the request got wrong.
