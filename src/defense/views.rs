@@ -18,7 +18,9 @@ use crate::model::LoadedModel;
 /// every random choice the defenses make for this request.
 pub struct Source {
     pub image: RgbImage,
-    fitted: Vec<FittedImage>,
+    /// The first model's fit (the raw model's), then the others'.
+    first: FittedImage,
+    others: Vec<FittedImage>,
     pub seed: u64,
 }
 
@@ -31,48 +33,50 @@ struct FittedImage {
     base: OnceLock<ModelImage>,
 }
 
-/// Each model's fit of an image, in the order the models were given; the first is the
-/// raw model's (what a content-derived seed is computed from).
+impl FittedImage {
+    fn new((model, pixels): (Arc<LoadedModel>, RgbImage)) -> Self {
+        Self { model, pixels, base: OnceLock::new() }
+    }
+}
+
+/// Each model's fit of an image: the first model's (what a content-derived seed is
+/// computed from), then the others', each model once.
 pub struct Fitted {
-    images: Vec<(Arc<LoadedModel>, RgbImage)>,
+    first: (Arc<LoadedModel>, RgbImage),
+    others: Vec<(Arc<LoadedModel>, RgbImage)>,
 }
 
 impl Fitted {
     /// Fits `image` to the input of every model in `models` (duplicates once; at least one).
     pub fn new(image: &RgbImage, models: &[Arc<LoadedModel>]) -> Result<Self, ResizeError> {
-        let mut images: Vec<(Arc<LoadedModel>, RgbImage)> = Vec::with_capacity(models.len());
-        for model in models {
-            if !images.iter().any(|(m, _)| Arc::ptr_eq(m, model)) {
-                images.push((Arc::clone(model), fit_to_input(image, &model.card.input)?));
+        let Some((first, rest)) = models.split_first() else {
+            return Err(ResizeError("no model to fit the image to".into()));
+        };
+        let mut others: Vec<(Arc<LoadedModel>, RgbImage)> = Vec::with_capacity(rest.len());
+        for model in rest {
+            if !Arc::ptr_eq(model, first) && !others.iter().any(|(m, _)| Arc::ptr_eq(m, model)) {
+                others.push((Arc::clone(model), fit_to_input(image, &model.card.input)?));
             }
         }
-        if images.is_empty() {
-            return Err(ResizeError("no model to fit the image to".into()));
-        }
-        Ok(Fitted { images })
+        Ok(Fitted { first: (Arc::clone(first), fit_to_input(image, &first.card.input)?), others })
     }
 
     /// The first model's fit.
     pub fn first(&self) -> &RgbImage {
-        // `new` refuses an empty list.
-        &self.images[0].1
+        &self.first.1
     }
 }
 
 impl Source {
     pub fn new(image: RgbImage, fitted: Fitted, seed: u64) -> Self {
-        let fitted = fitted
-            .images
-            .into_iter()
-            .map(|(model, pixels)| FittedImage { model, pixels, base: OnceLock::new() })
-            .collect();
-        Self { image, fitted, seed }
+        let first = FittedImage::new(fitted.first);
+        let others = fitted.others.into_iter().map(FittedImage::new).collect();
+        Self { image, first, others, seed }
     }
 
     /// The first model's fit as 8-bit pixels (the raw model's input).
     pub fn first(&self) -> &RgbImage {
-        // `Fitted::new` refuses an empty list.
-        &self.fitted[0].pixels
+        &self.first.pixels
     }
 
     /// The image at `model`'s input size, in [0, 1] pixel units. Every model a
@@ -84,8 +88,8 @@ impl Source {
     }
 
     fn fitted(&self, model: &Arc<LoadedModel>) -> Result<&FittedImage, DefenseError> {
-        self.fitted
-            .iter()
+        std::iter::once(&self.first)
+            .chain(&self.others)
             .find(|f| Arc::ptr_eq(&f.model, model))
             .ok_or_else(|| DefenseError::Unplanned(model.card.name.clone()))
     }
