@@ -170,7 +170,10 @@ async fn the_access_log_has_one_json_line_per_request_and_never_a_key() {
 #[tokio::test]
 async fn the_access_log_shows_the_time_a_load_balancer_spent() {
     let id = "auth-log-upstream";
-    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64() - 1.5;
+    // Whole milliseconds, 1501 back: the stamp is then over 1.5 s old whatever the
+    // float rounding of the seconds (1.5 s to the nearest ms could be logged as 1499).
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis();
+    let stamp = (now_ms - 1501) as f64 / 1000.0;
     let response = client()
         .post(SERVER.url("/classify?defense=none"))
         .header("authorization", format!("Bearer {CONFIG_KEY}"))
