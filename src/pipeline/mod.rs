@@ -193,8 +193,10 @@ impl Pipeline {
     /// that model sees (the decision maps' origin).
     pub async fn model_input(&self, body: Bytes, model: &str) -> Result<RgbImage, PipelineError> {
         let model = self.model(model, "model")?;
-        let image = self.decode(body).await?;
-        blocking(move || Ok(fit_to_input(&image, &model.card.input).map_err(DefenseError::from)?)).await
+        let (fitted, _) = self
+            .decode_then(body, move |image| Ok(fit_to_input(&image, &model.card.input).map_err(DefenseError::from)?))
+            .await?;
+        Ok(fitted)
     }
 
     /// Rows the first round of a request with these parameters runs, over all models
@@ -255,19 +257,10 @@ impl Pipeline {
         body: Bytes,
         params: &ClassifyParams,
     ) -> Result<Prepared, PipelineError> {
-        // One trip to the blocking pool for decoding and fitting (each hand-off between
-        // threads costs a wake-up, a visible part of a small request).
-        let _permit = self.decode_permits.acquire().await.map_err(|_| PipelineError::ShuttingDown)?;
         let models = std::mem::take(&mut admitted.plan.models);
-        let (limits, seeds, seed) = (self.limits, Arc::clone(&self.seeds), params.seed);
-        let (source, decode_time, preprocess_time) = blocking(move || {
-            let started = Instant::now();
-            let image = decode(&body, &limits)?;
-            let decode_time = started.elapsed();
-            let (source, preprocess_time) = fit_source(image, &models, &seeds, seed)?;
-            Ok((source, decode_time, preprocess_time))
-        })
-        .await?;
+        let (seeds, seed) = (Arc::clone(&self.seeds), params.seed);
+        let ((source, preprocess_time), decode_time) =
+            self.decode_then(body, move |image| fit_source(image, &models, &seeds, seed)).await?;
         Ok(Self::prepared(
             admitted,
             source,
@@ -438,10 +431,23 @@ impl Pipeline {
         Ok(Outputs::new(slots))
     }
 
-    async fn decode(&self, body: Bytes) -> Result<RgbImage, PipelineError> {
+    /// Decodes `body` under the image limits and hands the image to `then`, both in one
+    /// trip to the blocking pool (each hand-off between threads costs a wake-up, a
+    /// visible part of a small request); also returns the decoding time.
+    async fn decode_then<T: Send + 'static>(
+        &self,
+        body: Bytes,
+        then: impl FnOnce(RgbImage) -> Result<T, PipelineError> + Send + 'static,
+    ) -> Result<(T, Duration), PipelineError> {
         let _permit = self.decode_permits.acquire().await.map_err(|_| PipelineError::ShuttingDown)?;
         let limits = self.limits;
-        blocking(move || Ok(decode(&body, &limits)?)).await
+        blocking(move || {
+            let started = Instant::now();
+            let image = decode(&body, &limits)?;
+            let decode_time = started.elapsed();
+            Ok((then(image)?, decode_time))
+        })
+        .await
     }
 }
 
