@@ -96,15 +96,12 @@ pub fn push_normalized_pixels(image: &RgbImage, spec: &InputSpec, row: &mut Vec<
         std::array::from_fn(|v| (f32::from(v as u8) / 255.0 - mean) * inv_std)
     });
     let pixels = image.as_raw();
-    let plane = pixels.len() / 3;
-    let start = row.len();
-    row.resize(start + 3 * plane, 0.0);
-    let (red, rest) = row[start..].split_at_mut(plane);
-    let (green, blue) = rest.split_at_mut(plane);
-    for (((pixel, r), g), b) in pixels.chunks_exact(3).zip(red).zip(green).zip(blue) {
-        *r = tables[0][usize::from(pixel[0])];
-        *g = tables[1][usize::from(pixel[1])];
-        *b = tables[2][usize::from(pixel[2])];
+    row.reserve(pixels.len());
+    // One plane after the other, each written once: extending from an exact-size
+    // iterator needs no zero-filled row first (which cost a memset of 600 KB per
+    // Lite0 row, more than the lookups), and the 8-bit pixels stay in cache.
+    for (channel, table) in tables.iter().enumerate() {
+        row.extend(pixels.chunks_exact(3).map(|pixel| table[usize::from(pixel[channel])]));
     }
 }
 
