@@ -257,10 +257,8 @@ impl Pipeline {
         body: Bytes,
         params: &ClassifyParams,
     ) -> Result<Prepared, PipelineError> {
-        let models = std::mem::take(&mut admitted.plan.models);
-        let (seeds, seed) = (Arc::clone(&self.seeds), params.seed);
-        let ((source, preprocess_time), decode_time) =
-            self.decode_then(body, move |image| fit_source(image, &models, &seeds, seed)).await?;
+        let fit = self.source_fitter(&mut admitted, params);
+        let ((source, preprocess_time), decode_time) = self.decode_then(body, fit).await?;
         Ok(Self::prepared(
             admitted,
             source,
@@ -277,11 +275,22 @@ impl Pipeline {
         started: Instant,
     ) -> Result<Outcome, PipelineError> {
         let mut admitted = self.admit(params, started + self.request_timeout())?;
-        let models = std::mem::take(&mut admitted.plan.models);
-        let (seeds, seed) = (Arc::clone(&self.seeds), params.seed);
-        let (source, preprocess_time) = blocking(move || fit_source(image, &models, &seeds, seed)).await?;
+        let fit = self.source_fitter(&mut admitted, params);
+        let (source, preprocess_time) = blocking(move || fit(image)).await?;
         let prepared = Self::prepared(admitted, source, Cost { preprocess: preprocess_time, ..Cost::default() });
         self.finish(prepared, params, started).await
+    }
+
+    /// What turns the decoded image into the request's [`Source`] (on the blocking
+    /// pool): fits it to every model the admitted plan needs and derives the seed.
+    fn source_fitter(
+        &self,
+        admitted: &mut Admitted,
+        params: &ClassifyParams,
+    ) -> impl FnOnce(RgbImage) -> Result<(Source, Duration), PipelineError> + Send + 'static {
+        let models = std::mem::take(&mut admitted.plan.models);
+        let (seeds, seed) = (Arc::clone(&self.seeds), params.seed);
+        move |image| fit_source(image, &models, &seeds, seed)
     }
 
     fn prepared(admitted: Admitted, source: Source, cost: Cost) -> Prepared {
